@@ -1,0 +1,1 @@
+"""Shared layers composed by every model."""

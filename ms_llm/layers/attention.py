@@ -1,0 +1,190 @@
+"""Multi-head attention (self or cross; MHA, GQA) behind one interface.
+
+The projections live here; the softmax(q k^T) v core is a kernel cell from :mod:`ms_llm.kernels.attention`
+(``reference`` composite ops or ``fused`` flash attention), chosen by ``cfg.attention_impl``. Masks are passed as a
+key mask ``(B, Sk)`` plus the static causal / band flags of the layer. T5 / Switch self-attention adds a learned
+relative position bias (:class:`RelativePositionBias`, shared by the layers of a stack) to the scores.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ..kernels.attention import _MASK_FILL, ReferenceAttention, _visible_mask, make_attention
+from .common import normal_param
+from .embedding import RotaryEmbedding
+from .linear import Linear
+
+
+def relative_position_bucket(relative: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of each relative position (memory - query), as Mesh TensorFlow / Hugging Face compute it in
+    float32: half the buckets exact small distances, half logarithmic up to ``max_distance``; with
+    ``bidirectional`` half of them for positive distances."""
+    relative = np.asarray(relative, np.int64)
+    buckets = np.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative > 0).astype(np.int64) * num_buckets
+        n = np.abs(relative)
+    else:
+        n = -np.minimum(relative, 0)
+    max_exact = num_buckets // 2
+    # n < max_exact takes the exact branch below, so clamping n >= 1 inside the log (no log(0)) changes nothing
+    large = max_exact + (np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
+                         / np.float32(math.log(max_distance / max_exact))
+                         * np.float32(num_buckets - max_exact)).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(n < max_exact, n, large)
+
+
+class RelativePositionBias(nn.Cell):
+    """T5 relative position bias (Raffel et al. 2020, section 2.1): a learned scalar per (bucket, head).
+
+    ``construct(q_len, k_len)`` -> (1, nh, Sq, Sk) float32, queries aligned to the end of the keys. Distances
+    beyond ``max_distance`` share the last bucket, so a bucket table over [-max_distance, max_distance] is exact.
+    """
+
+    def __init__(self, num_buckets: int, max_distance: int, num_heads: int, bidirectional: bool,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.max_distance = max_distance
+        self.weight = normal_param((num_buckets, num_heads), init_std, "weight")   # HF relative_attention_bias
+        table = relative_position_bucket(np.arange(-max_distance, max_distance + 1), bidirectional, num_buckets,
+                                         max_distance)
+        self.buckets = Tensor(table.astype(np.int32))                     # (2*D+1,)
+        self.gather = ops.Gather()
+
+    def construct(self, q_len: int, k_len: int):
+        query = ops.expand_dims(ops.arange(q_len, dtype=ms.int32), 1) + (k_len - q_len)   # (Sq, 1)
+        memory = ops.expand_dims(ops.arange(k_len, dtype=ms.int32), 0)                    # (1, Sk)
+        relative = ops.clamp(memory - query, -self.max_distance, self.max_distance)       # (Sq, Sk)
+        buckets = self.gather(self.buckets, relative + self.max_distance, 0)              # (Sq, Sk)
+        bias = self.gather(self.weight, buckets, 0)                                       # (Sq, Sk, nh)
+        return ops.expand_dims(ops.transpose(bias, (2, 0, 1)), 0)                         # (1, nh, Sq, Sk)
+
+
+class BiasedReferenceAttention(ReferenceAttention):
+    """The reference core with an additive score bias: softmax(q k^T * scale + bias + mask) v (T5 attention).
+
+    The fused flash kernel takes no bias input, so relative position bias needs ``attention_impl: reference``.
+    """
+
+    def construct(self, q, k, v, key_mask, bias):
+        sq = q.shape[2]
+        sk = k.shape[2]
+        scores = ops.cast(self.qk(q, k), ms.float32) * self.scale + bias    # (B, nh, Sq, Sk)
+        visible = _visible_mask(key_mask, sq, sk, self.causal, self.band_width)  # (B, 1, Sq, Sk)
+        scores = ops.where(visible, scores, _MASK_FILL)                       # (B, nh, Sq, Sk)
+        probs = ops.softmax(scores, -1) * ops.cast(visible, ms.float32)       # (B, nh, Sq, Sk)
+        return self.pv(ops.cast(probs, q.dtype), v)                           # (B, nh, Sq, hd)
+
+
+class Attention(nn.Cell):
+    """Attention of queries from ``x`` over keys/values from ``kv_input`` (``x`` itself for self-attention).
+
+    ``position_bias``: an optional cell ``(q_len, k_len) -> (1, nh, Sq, Sk)`` added to the scores (T5's
+    :class:`RelativePositionBias`, possibly shared with other layers).
+    """
+
+    def __init__(self, cfg, causal: bool = False, band_width: int = 0, cross: bool = False,
+                 scale: float | None = None, out_init_std: float | None = None,
+                 position_bias: nn.Cell | None = None):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.dim_per_head
+        self.groups = self.num_heads // self.num_kv_heads
+        self.cross = cross
+        self.causal = causal
+        self.band_width = band_width
+        h, nh, nkv, hd = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        kw = dict(has_bias=cfg.use_bias, init_std=cfg.initializer_range, compute_dtype=cfg.compute_dtype)
+        self.q_proj = Linear(h, nh * hd, "embed", "heads", **kw)
+        self.k_proj = Linear(h, nkv * hd, "embed", "heads", **kw)
+        self.v_proj = Linear(h, nkv * hd, "embed", "heads", **kw)
+        kw["init_std"] = cfg.initializer_range if out_init_std is None else out_init_std
+        self.o_proj = Linear(nh * hd, h, "heads", "embed", **kw)
+        self.use_rotary = cfg.position_embedding == "rotary" and not cross
+        self.rotary = (RotaryEmbedding(cfg.max_position_embeddings, hd, cfg.rope_theta) if self.use_rotary
+                       else None)
+        self.scale = 1.0 / math.sqrt(hd) if scale is None else scale
+        self.position_bias = position_bias
+        if position_bias is not None:
+            if cfg.attention_impl != "reference":
+                raise ValueError(f"model.attention_impl: '{cfg.attention_impl}' has no position-bias input; "
+                                 f"relative position bias (T5/Switch) needs 'reference'")
+            self.core = BiasedReferenceAttention(hd, causal=causal, band_width=band_width, scale=self.scale)
+        else:
+            self.core = make_attention(cfg.attention_impl, hd, causal=causal, band_width=band_width,
+                                       scale=self.scale)
+        # KV-cache decoding (causal self-attention only): one query per sequence against a static cache whose
+        # visible slots (filled, not padding, inside the band) the caller passes as the key mask, so this core is
+        # neither causal nor banded.
+        self.decode_core = (make_attention(cfg.attention_impl, hd, causal=False, scale=self.scale)
+                            if causal and not cross else None)
+        self.transpose = ops.Transpose()
+        self.merge_transpose = ops.Transpose()
+
+    def split_heads(self, x, heads):
+        b, s = x.shape[0], x.shape[1]
+        x = ops.reshape(x, (b, s, heads, self.head_dim))                 # (B, S, nh, hd)
+        return self.transpose(x, (0, 2, 1, 3))                            # (B, nh, S, hd)
+
+    def repeat_kv(self, x):
+        """GQA: (B, nkv, S, hd) -> (B, nh, S, hd), each kv head serving ``groups`` query heads."""
+        if self.groups == 1:
+            return x
+        b, _, s, d = x.shape
+        x = ops.expand_dims(x, 2)                                         # (B, nkv, 1, S, hd)
+        x = ops.tile(x, (1, 1, self.groups, 1, 1))                        # (B, nkv, g, S, hd)
+        return ops.reshape(x, (b, self.num_heads, s, d))                 # (B, nh, S, hd)
+
+    def project_qkv(self, x, kv_input, q_positions, k_positions):
+        q = self.split_heads(self.q_proj(x), self.num_heads)            # (B, nh, Sq, hd)
+        k = self.split_heads(self.k_proj(kv_input), self.num_kv_heads)  # (B, nkv, Sk, hd)
+        v = self.split_heads(self.v_proj(kv_input), self.num_kv_heads)  # (B, nkv, Sk, hd)
+        if self.use_rotary:
+            q = self.rotary(q, q_positions)
+            k = self.rotary(k, k_positions)
+        return q, k, v
+
+    def merge_heads(self, out):
+        b, _, s, _ = out.shape
+        out = self.merge_transpose(out, (0, 2, 1, 3))                     # (B, S, nh, hd)
+        return ops.reshape(out, (b, s, self.num_heads * self.head_dim))  # (B, S, nh*hd)
+
+    def construct(self, x, kv_input, key_mask, positions):
+        """x (B, Sq, H), kv_input (B, Sk, H), key_mask (B, Sk) float 1/0, positions (B, Sq) for RoPE (self-attn)."""
+        q, k, v = self.project_qkv(x, kv_input, positions, positions)
+        if self.position_bias is not None:
+            bias = self.position_bias(q.shape[2], k.shape[2])                # (1, nh, Sq, Sk)
+            out = self.core(q, self.repeat_kv(k), self.repeat_kv(v), key_mask, bias)   # (B, nh, Sq, hd)
+        else:
+            out = self.core(q, self.repeat_kv(k), self.repeat_kv(v), key_mask)   # (B, nh, Sq, hd)
+        return self.o_proj(self.merge_heads(out))                            # (B, Sq, H)
+
+    def construct_prefill(self, x, key_mask, positions):
+        """Causal self-attention that also returns its keys/values ``(B, nkv, S, hd)`` (after RoPE) to seed a cache."""
+        q, k, v = self.project_qkv(x, x, positions, positions)
+        out = self.core(q, self.repeat_kv(k), self.repeat_kv(v), key_mask)   # (B, nh, S, hd)
+        return self.o_proj(self.merge_heads(out)), k, v                      # (B, S, H), 2 x (B, nkv, S, hd)
+
+    def construct_decode(self, x, positions, key_mask, slot_mask, k_cache, v_cache):
+        """One new token per sequence against a static KV cache.
+
+        x (B, 1, H); positions (B, 1) (RoPE); k_cache, v_cache (B, nkv, L, hd); slot_mask (1, 1, L, 1) bool marks
+        the slot this token is written to; key_mask (B, L) float marks the slots it may attend to (its own
+        included). Returns the output (B, 1, H) and the updated caches.
+        """
+        q, k, v = self.project_qkv(x, x, positions, positions)             # (B, nh, 1, hd), 2 x (B, nkv, 1, hd)
+        k_cache = ops.where(slot_mask, k, k_cache)                          # (B, nkv, L, hd)
+        v_cache = ops.where(slot_mask, v, v_cache)                          # (B, nkv, L, hd)
+        out = self.decode_core(q, self.repeat_kv(k_cache), self.repeat_kv(v_cache), key_mask)   # (B, nh, 1, hd)
+        return self.o_proj(self.merge_heads(out)), k_cache, v_cache        # (B, 1, H)
+
+    def shard(self, sharder):
+        sharder.shard(self.transpose, "transpose", ("batch", "seq", "heads", "head_dim"))
+        sharder.shard(self.merge_transpose, "merge_transpose", ("batch", "heads", "seq", "head_dim"))

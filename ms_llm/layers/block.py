@@ -1,0 +1,94 @@
+"""Residual blocks: pre-norm (GPT) or post-norm (Vaswani, BERT), optional cross-attention, dense or MoE FFN."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from .attention import Attention
+from .common import dropout
+from .mlp import make_ffn
+from .norm import make_norm
+
+
+class TransformerBlock(nn.Cell):
+    """One layer. ``construct`` returns ``(hidden, aux_loss)``; aux_loss is the MoE auxiliary loss (0 if dense).
+
+    ``ffn`` may be any cell mapping (B, S, H) -> (B, S, H); if ``ffn_returns_aux`` it returns (y, aux_loss).
+    ``position_bias`` (a T5 relative position bias cell) is added to the self-attention scores; ``attn_scale``
+    overrides 1/sqrt(head_dim) in self- and cross-attention (T5/Switch use 1.0).
+    """
+
+    def __init__(self, cfg, causal: bool = False, band_width: int = 0, cross: bool = False,
+                 ffn: nn.Cell | None = None, ffn_returns_aux: bool = False, out_init_std: float | None = None,
+                 position_bias: nn.Cell | None = None, attn_scale: float | None = None):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.has_cross = cross
+        self.self_attn = Attention(cfg, causal=causal, band_width=band_width, out_init_std=out_init_std,
+                                   scale=attn_scale, position_bias=position_bias)
+        self.attn_norm = make_norm(cfg)
+        self.cross_attn = (Attention(cfg, cross=True, out_init_std=out_init_std, scale=attn_scale) if cross
+                           else None)
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.ffn = ffn if ffn is not None else make_ffn(cfg)
+        self.ffn_returns_aux = ffn_returns_aux
+        self.ffn_norm = make_norm(cfg)
+        self.drop = dropout(cfg.dropout)
+        self.zero = ms.Tensor(0.0, ms.float32)
+
+    def run_ffn(self, h):
+        if self.ffn_returns_aux:
+            return self.ffn(h)
+        return self.ffn(h), self.zero
+
+    def construct(self, x, key_mask, positions, memory=None, memory_mask=None):
+        if self.pre_norm:
+            h = self.attn_norm(x)
+            x = x + self.drop(self.self_attn(h, h, key_mask, positions))
+            if self.has_cross:
+                h = self.cross_norm(x)
+                x = x + self.drop(self.cross_attn(h, memory, memory_mask, positions))
+            y, aux = self.run_ffn(self.ffn_norm(x))
+            x = x + self.drop(y)
+        else:
+            x = self.attn_norm(x + self.drop(self.self_attn(x, x, key_mask, positions)))
+            if self.has_cross:
+                x = self.cross_norm(x + self.drop(self.cross_attn(x, memory, memory_mask, positions)))
+            y, aux = self.run_ffn(x)
+            x = self.ffn_norm(x + self.drop(y))
+        return x, aux
+
+    def construct_prefill(self, x, key_mask, positions):
+        """Decoder self-attention block that also returns the layer's keys/values (B, nkv, S, hd) for a KV cache."""
+        if self.has_cross:
+            raise ValueError("TransformerBlock.construct_prefill: KV-cache decoding supports decoder-only blocks "
+                             "(no cross-attention)")
+        if self.pre_norm:
+            a, k, v = self.self_attn.construct_prefill(self.attn_norm(x), key_mask, positions)
+            x = x + self.drop(a)
+            y, _ = self.run_ffn(self.ffn_norm(x))
+            x = x + self.drop(y)
+        else:
+            a, k, v = self.self_attn.construct_prefill(x, key_mask, positions)
+            x = self.attn_norm(x + self.drop(a))
+            y, _ = self.run_ffn(x)
+            x = self.ffn_norm(x + self.drop(y))
+        return x, k, v
+
+    def construct_decode(self, x, positions, key_mask, slot_mask, k_cache, v_cache):
+        """One token per sequence (x (B, 1, H)) against this layer's static KV cache; see Attention.construct_decode."""
+        if self.has_cross:
+            raise ValueError("TransformerBlock.construct_decode: KV-cache decoding supports decoder-only blocks "
+                             "(no cross-attention)")
+        if self.pre_norm:
+            a, k_cache, v_cache = self.self_attn.construct_decode(self.attn_norm(x), positions, key_mask, slot_mask,
+                                                                  k_cache, v_cache)
+            x = x + self.drop(a)
+            y, _ = self.run_ffn(self.ffn_norm(x))
+            x = x + self.drop(y)
+        else:
+            a, k_cache, v_cache = self.self_attn.construct_decode(x, positions, key_mask, slot_mask, k_cache, v_cache)
+            x = self.attn_norm(x + self.drop(a))
+            y, _ = self.run_ffn(x)
+            x = self.ffn_norm(x + self.drop(y))
+        return x, k_cache, v_cache

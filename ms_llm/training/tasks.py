@@ -1,0 +1,18 @@
+"""data.task -> builder of a :class:`~ms_llm.training.task.Task` (module path, function), imported lazily."""
+from __future__ import annotations
+
+import importlib
+
+TASKS = {
+    "reverse": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
+    "sort": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
+    "copy": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
+}
+
+
+def build_task(cfg):
+    name = cfg.data.task
+    if name not in TASKS:
+        raise ValueError(f"data.task '{name}' has no trainer task yet; available: {sorted(TASKS)}")
+    module, fn = TASKS[name]
+    return getattr(importlib.import_module(module), fn)(cfg)
