@@ -44,6 +44,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import json
+    from .config import load_config
+    from .planner import format_report, plan_for_run
+    cfg = load_config(args.model, args.overrides)
+    fixed = {k: getattr(args, k) for k in ("dp", "tp", "pp", "ep", "micro_batch_size", "recompute")
+             if getattr(args, k) is not None}
+    report = plan_for_run(cfg, args.devices, args.device_type, top=args.top,
+                          train_tokens=args.train_tokens, **fixed)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    _context(args.device)
+    from .checkpoint.hf import convert
+    print(convert(args.input, args.output, args.to))
+    return 0
+
+
+def cmd_reshard(args) -> int:
+    from .parallel.reshard import reshard_cli
+    return reshard_cli(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ms-llm", description="Train and run foundation-model architectures on "
                                 "MindSpore (Ascend 910 clusters; every part also runs on a CPU).")
@@ -64,6 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     e.add_argument("--device", default="CPU", choices=("CPU", "Ascend"))
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("convert", help="convert weights: Hugging Face directory <-> ms_llm run directory",
+                       description="--to ms: a Hugging Face directory (config.json + model.safetensors; BERT, GPT-2, "
+                                   "Llama, Switch) becomes an ms_llm directory (checkpoint + config). --to hf: an "
+                                   "ms_llm run directory becomes a Hugging Face directory. Both round-trip exactly.")
+    c.add_argument("input", help="source directory")
+    c.add_argument("output", help="destination directory")
+    c.add_argument("--to", required=True, choices=("ms", "hf"), help="target layout")
+    c.add_argument("--device", default="CPU", choices=("CPU", "Ascend"))
+    c.set_defaults(func=cmd_convert)
+
+    pl = sub.add_parser("plan", help="plan a distributed run: memory, FLOPs, communication, time per layout",
+                        description="Enumerate feasible (dp, tp, pp, ep) layouts for --devices devices of "
+                                    "--device-type, rank them by predicted step time, and explain the best: "
+                                    "time = data x per-step compute / (device rate x devices x parallel efficiency).")
+    pl.add_argument("--model", required=True, help="YAML run config (model + data.seq_length + train.batch_size)")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    pl.add_argument("--devices", type=int, required=True, help="number of devices")
+    pl.add_argument("--device-type", default="910B", help="device in ms_llm/planner/devices.yaml (910A, 910B, A100...)")
+    pl.add_argument("--top", type=int, default=5, help="layouts to list")
+    pl.add_argument("--train-tokens", type=float, default=None, help="tokens to train on (adds total time)")
+    for k in ("dp", "tp", "pp", "ep", "micro_batch_size"):
+        pl.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=None, help=f"hold {k} fixed")
+    pl.add_argument("--recompute", choices=("none", "selective", "full"), default=None, help="hold recompute fixed")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pl.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("reshard", help="re-shard or merge distributed checkpoints between parallel layouts",
+                       add_help=False, description="see `ms-llm reshard --help`")
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+    r.set_defaults(func=cmd_reshard)
     return p
 
 

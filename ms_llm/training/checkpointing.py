@@ -43,7 +43,8 @@ def save(output_dir: str, step: int, model, state_params, cfg, keep: int = 2) ->
         if os.path.exists(tmp):
             os.remove(tmp)
     meta = {"format": FORMAT, "step": step, "data_position": step, "file": name + ".ckpt",
-            "sha256": file_sha256(final), "config": to_dict(cfg)}
+            "sha256": file_sha256(final), "config": to_dict(cfg),
+            "model_class": f"{type(model).__module__}:{type(model).__name__}"}
     atomic_write_json(meta, os.path.join(d, name + ".json"))
     dump_config(cfg, os.path.join(d, name + ".yaml"))
     atomic_write_json({"latest": name}, os.path.join(d, "latest.json"))
