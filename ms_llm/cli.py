@@ -22,9 +22,11 @@ def cmd_train(args) -> int:
         from .config.base import replace
         cfg = replace(cfg, train=replace(cfg.train, output_dir=args.output_dir))
     _context(args.device)
-    from .parallel.context import setup as parallel_setup
-    parallel_setup(cfg.parallel, args.device)
-    Trainer(cfg).fit(resume=args.resume)
+    from .parallel.context import setup as parallel_setup, strategy_file_in
+    from .training.checkpointing import checkpoint_dir
+    info = parallel_setup(cfg.parallel, args.device,
+                          strategy_file=strategy_file_in(checkpoint_dir(cfg.train.output_dir)))
+    Trainer(cfg, parallel_info=info).fit(resume=args.resume)
     return 0
 
 

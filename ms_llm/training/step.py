@@ -76,7 +76,9 @@ class ApplyGrads(nn.Cell):
 class TrainStep:
     """Host-side driver: ``step(micro_batches, lr)`` runs k accumulations then one update."""
 
-    def __init__(self, loss_net, params, train_cfg, dynamic_scale: bool):
+    def __init__(self, loss_net, params, train_cfg, dynamic_scale: bool, make_reducer=None):
+        """``make_reducer(accum_buffers, params)`` returns a cell averaging the buffers across data-parallel ranks
+        in place (called between the micro-batches and the update), or None on one process."""
         from .optim import AdamW
         self.params = list(params)
         self.accum = ParameterTuple(self.params).clone(prefix="grad_accum", init="zeros")
@@ -88,6 +90,7 @@ class TrainStep:
         self.apply = ApplyGrads(self.optimizer, self.accum, self.loss_scale, self.good_steps,
                                 train_cfg.grad_accum_steps, train_cfg.grad_clip, dynamic_scale,
                                 train_cfg.loss_scale_factor, train_cfg.loss_scale_window)
+        self.reducer = make_reducer(self.accum, self.params) if make_reducer is not None else None
 
     def state_parameters(self):
         """Everything besides the model weights that a checkpoint must hold to resume exactly."""
@@ -98,6 +101,8 @@ class TrainStep:
         losses = []
         for mb in micro_batches:
             losses.append(self.accumulate(*[Tensor(a) for a in mb]))
+        if self.reducer is not None:
+            self.reducer()
         finite, norm, scale = self.apply(Tensor(lr, ms.float32))
         loss = sum(float(l.asnumpy()) for l in losses) / len(losses)
         return loss, bool(finite.asnumpy()), float(norm.asnumpy()), float(scale.asnumpy())

@@ -68,9 +68,12 @@ def plot_losses(records: List[dict], path: str, title: str) -> None:
 class Trainer:
     """Runs ``cfg`` to completion; ``fit(resume)`` returns the final evaluation metrics."""
 
-    def __init__(self, cfg: RunConfig, log=print):
+    def __init__(self, cfg: RunConfig, log=print, parallel_info=None):
+        """``parallel_info``: from :func:`ms_llm.parallel.context.setup` (None = one stand-alone process)."""
         self.cfg = cfg
-        self.log = log
+        self.info = parallel_info
+        self.is_main = parallel_info is None or parallel_info.rank == 0
+        self.log = log if self.is_main else (lambda *a, **k: None)
 
     def fit(self, resume: bool = False) -> Dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
@@ -89,8 +92,14 @@ class Trainer:
             self.log(f"initialised weights from {meta['path']}")
         model.set_train(True)
         dynamic = cfg.model.compute_dtype == "float16"
-        trainable = [p for p in model.trainable_params()]
-        step_fn = TrainStep(task.loss_net, trainable, t, dynamic_scale=dynamic)
+        loss_net, make_reducer, local = task.loss_net, None, (lambda b: b)
+        if self.info is not None:
+            from ..parallel.prepare import grad_reducer, prepare
+            prepared = prepare(model, task.loss_net, cfg.parallel, self.info)
+            loss_net, local = prepared.loss_net, self.info.local_batch
+            make_reducer = lambda bufs, params: grad_reducer(bufs, params, self.info, prepared)  # noqa: E731
+        trainable = [p for p in model.trainable_params()]   # after prepare: expert weights may be sliced
+        step_fn = TrainStep(loss_net, trainable, t, dynamic_scale=dynamic, make_reducer=make_reducer)
         start = 0
         metrics_path = os.path.join(out, "metrics.jsonl")
         if resume:
@@ -99,10 +108,13 @@ class Trainer:
                 raise ValueError(f"--resume: no checkpoint in {out}")
             start = checkpointing.load(meta, model, step_fn.state_parameters())
             self.log(f"resumed from {meta['path']} at step {start}")
-        elif os.path.exists(metrics_path):
+        elif os.path.exists(metrics_path) and self.is_main:
             os.remove(metrics_path)
-        dump_config(cfg, os.path.join(out, "config.yaml"))
-        records = self._read_records(metrics_path, start)
+        if not self.is_main:   # data-parallel ranks > 0 train in step with rank 0 but write nothing
+            metrics_path = os.devnull
+        else:
+            dump_config(cfg, os.path.join(out, "config.yaml"))
+        records = self._read_records(metrics_path, start) if self.is_main else []
         peak = t.peak_tflops or measure_matmul_tflops()
         n_params = sum(int(np.prod(p.shape)) for p in trainable)
         self.log(f"model {cfg.model.arch}: {n_params:,} trainable parameters; task {cfg.data.task}; "
@@ -110,7 +122,7 @@ class Trainer:
                  f"peak {peak:.3f} TFLOPS ({'config' if t.peak_tflops else 'measured fp32 matmul'})")
         batches = task.batches(start)
         bar = None
-        if t.progress_bar:
+        if t.progress_bar and self.is_main:
             from tqdm import tqdm
             bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
         window_t0, window_tokens, compile_s = time.perf_counter(), 0, None
@@ -119,7 +131,7 @@ class Trainer:
                 batch = next(batches)
                 lr = lr_at(step, t, cfg.model.hidden_size)
                 t0 = time.perf_counter()
-                loss, finite, norm, scale = step_fn.step(split_micro_batches(batch, t.grad_accum_steps), lr)
+                loss, finite, norm, scale = step_fn.step(split_micro_batches(local(batch), t.grad_accum_steps), lr)
                 if compile_s is None:
                     compile_s = time.perf_counter() - t0
                     window_t0, window_tokens = time.perf_counter(), 0
@@ -153,7 +165,7 @@ class Trainer:
                 if bar:
                     bar.set_postfix(loss=f"{loss:.3f}")
                     bar.update(1)
-                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps and self.is_main:
                     checkpointing.save(out, step + 1, model, step_fn.state_parameters(), cfg, t.keep_checkpoints)
             if bar:
                 bar.close()
@@ -162,6 +174,9 @@ class Trainer:
             rec = {"step": t.steps, "eval": final, "compile_s": compile_s}
             records.append(rec)
             mf.write(json.dumps(rec) + "\n")
+        self.task = task
+        if not self.is_main:
+            return final
         path = checkpointing.save(out, t.steps, model, step_fn.state_parameters(), cfg, t.keep_checkpoints)
         plot_losses(records, os.path.join(out, "loss_curve.png"), f"{cfg.model.arch} / {cfg.data.task}")
         self.log(f"final eval: {_fmt(final)}")
@@ -169,7 +184,6 @@ class Trainer:
         if task.sample is not None:
             model.set_train(False)
             self.log(task.sample(model))
-        self.task = task
         return final
 
     @staticmethod
