@@ -1,0 +1,240 @@
+"""Scaled dot-product attention core: a reference composite and a fused (flash-attention) kernel, same signature.
+
+Both cells take ``q (B, nh, Sq, hd)``, ``k, v (B, nh, Sk, hd)`` (the caller repeats kv heads for GQA) and
+``key_mask (B, Sk)`` float32 (1.0 = attend, 0.0 = padding) and return ``(B, nh, Sq, hd)`` in the input dtype.
+Key ``j`` is visible to query ``i`` iff ``key_mask[b, j] == 1`` and, when ``causal``, ``j <= i + (Sk - Sq)`` and,
+when ``band_width > 0`` (causal only), ``j > i + (Sk - Sq) - band_width`` (GPT-3's locally banded attention: a
+query sees itself and the previous ``band_width - 1`` keys). Queries are aligned to the end of the keys, so
+``Sq = 1`` against a KV cache of ``Sk`` keys sees all of them. Scores are ``q k^T * scale`` (``scale`` defaults to
+``1 / sqrt(hd)``); the softmax runs in float32 for float32 and float16 inputs. A query row with no visible key
+outputs zeros (and gets zero gradients), never NaN.
+
+* :class:`ReferenceAttention` is made of MindSpore ops (BatchMatMul, softmax, masks from ``arange`` comparisons);
+  it compiles in GRAPH_MODE and is differentiated by MindSpore autodiff. The matmuls run in the input dtype.
+* :class:`FusedAttention` runs the flash-attention algorithm (key tiles, online softmax, no ``Sq x Sk`` matrix,
+  backward recomputing the tiles from the saved logsumexp; Dao et al. 2022). On CPU it calls the C++ kernels in
+  ``csrc/flash_attention.cc`` through ``ops.Custom(func_type="aot")`` with an aot backward wired as the bprop; the
+  library is compiled with g++ on first construction (see :mod:`ms_llm.kernels._build`). On Ascend it calls
+  MindSpore's ``ops.flash_attention_score`` instead (see :func:`_ascend_fa_args`). The device is read from
+  ``ms.get_context('device_target')`` when the cell is constructed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ._build import build_library
+
+__all__ = ["ReferenceAttention", "FusedAttention", "make_attention", "ATTENTION_IMPLS"]
+
+ATTENTION_IMPLS = ("reference", "fused")
+_INT32_MAX = 2147483647
+_MASK_FILL = -3.0e38  # finite, so a fully masked row gives a finite (then zeroed) softmax instead of NaN
+
+
+def _check_config(head_dim, causal, band_width, scale):
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(band_width, int) or isinstance(band_width, bool) or band_width < 0:
+        raise ValueError(f"band_width must be an int >= 0, got {band_width!r}")
+    if band_width > 0 and not causal:
+        raise ValueError(f"band_width={band_width} needs causal=True (locally banded attention is causal)")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def _check_inputs(q_shape, k_shape, v_shape, m_shape, head_dim):
+    """Raises ValueError naming the shapes unless q (B, nh, Sq, hd), k = v (B, nh, Sk, hd), key_mask (B, Sk)."""
+    shapes = f"q {q_shape}, k {k_shape}, v {v_shape}, key_mask {m_shape}, head_dim {head_dim}"
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4 or len(m_shape) != 2:
+        raise ValueError(f"attention expects q (B, nh, Sq, hd), k and v (B, nh, Sk, hd), key_mask (B, Sk); "
+                         f"got {shapes}")
+    if q_shape[3] != head_dim or k_shape[3] != head_dim or v_shape[3] != head_dim:
+        raise ValueError(f"attention: last dim of q, k, v must equal head_dim; got {shapes}")
+    if k_shape[0] != q_shape[0] or k_shape[1] != q_shape[1] or v_shape[0] != q_shape[0] \
+            or v_shape[1] != q_shape[1] or v_shape[2] != k_shape[2]:
+        raise ValueError(f"attention: q, k, v must agree on B and nh (repeat kv heads first) and k, v on Sk; "
+                         f"got {shapes}")
+    if m_shape[0] != q_shape[0] or m_shape[1] != k_shape[2]:
+        raise ValueError(f"attention: key_mask must be (B, Sk) = ({q_shape[0]}, {k_shape[2]}); got {shapes}")
+    if q_shape[2] <= 0 or k_shape[2] <= 0:
+        raise ValueError(f"attention: empty sequence; got {shapes}")
+
+
+def _check_dtypes(q_dtype, k_dtype, v_dtype):
+    if q_dtype not in (mstype.float32, mstype.float16) or k_dtype != q_dtype or v_dtype != q_dtype:
+        raise ValueError(f"attention: q, k, v must share dtype float32 or float16; got {q_dtype}, {k_dtype}, "
+                         f"{v_dtype}")
+
+
+def _visible_mask(key_mask, sq, sk, causal, band_width):
+    """(B, 1, Sq, Sk) bool: key_mask[b, j] == 1 and the causal / band structure (queries aligned to the end)."""
+    visible = ops.expand_dims(ops.expand_dims(key_mask > 0.5, 1), 1)        # (B, 1, 1, Sk)
+    if causal:
+        rows = ops.expand_dims(ops.arange(0, sq, 1, dtype=mstype.int32), 1)  # (Sq, 1)
+        cols = ops.expand_dims(ops.arange(0, sk, 1, dtype=mstype.int32), 0)  # (1, Sk)
+        offset = sk - sq
+        structure = cols <= rows + offset                                    # (Sq, Sk)
+        if band_width > 0:
+            structure = ops.logical_and(structure, cols > rows + (offset - band_width))
+        visible = ops.logical_and(visible, structure)                        # (B, 1, Sq, Sk)
+    else:
+        visible = ops.broadcast_to(visible, (-1, 1, sq, -1))                 # (B, 1, Sq, Sk)
+    return visible
+
+
+class ReferenceAttention(nn.Cell):
+    """softmax(q k^T * scale + mask) v from MindSpore ops; see the module docstring for the contract."""
+
+    def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None):
+        super().__init__()
+        self.scale = _check_config(head_dim, causal, band_width, scale)
+        self.head_dim = head_dim
+        self.causal = causal
+        self.band_width = band_width
+        self.qk = ops.BatchMatMul(transpose_b=True)
+        self.pv = ops.BatchMatMul()
+
+    def construct(self, q, k, v, key_mask):
+        _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, self.head_dim)
+        _check_dtypes(q.dtype, k.dtype, v.dtype)
+        sq = q.shape[2]
+        sk = k.shape[2]
+        scores = ops.cast(self.qk(q, k), mstype.float32) * self.scale       # (B, nh, Sq, Sk)
+        visible = _visible_mask(key_mask, sq, sk, self.causal, self.band_width)  # (B, 1, Sq, Sk)
+        scores = ops.where(visible, scores, _MASK_FILL)                      # (B, nh, Sq, Sk)
+        probs = ops.softmax(scores, -1) * ops.cast(visible, mstype.float32)  # (B, nh, Sq, Sk); empty rows -> 0
+        return self.pv(ops.cast(probs, q.dtype), v)                          # (B, nh, Sq, hd)
+
+    def shard(self, sharder):
+        sharder.shard(self.qk, "qk", ("batch", "heads", "seq", "head_dim"), ("batch", "heads", "kv", "head_dim"))
+        sharder.shard(self.pv, "pv", ("batch", "heads", "seq", "kv"), ("batch", "heads", "kv", "head_dim"))
+
+
+class _CpuFlashAttention(nn.Cell):
+    """The aot C++ flash-attention kernels (forward + backward) on CPU."""
+
+    def __init__(self, scale: float, causal: bool, band_width: int):
+        super().__init__()
+        lib = build_library("flash_attention.cc")
+        bwd = ops.Custom(
+            f"{lib}:FlashAttentionBwd",
+            out_shape=lambda q, k, v, m, p, o, do, lse: (q, k, v),
+            out_dtype=lambda q, k, v, m, p, o, do, lse: (q, k, v),
+            func_type="aot",
+        )
+
+        def bprop(q, k, v, key_mask, params, out, dout):
+            dq, dk, dv = bwd(q, k, v, key_mask, params, out[0], dout[0], out[1])
+            return dq, dk, dv, ops.zeros_like(key_mask), ops.zeros_like(params)
+
+        self.fwd = ops.Custom(
+            f"{lib}:FlashAttentionFwd",
+            out_shape=lambda q, k, v, m, p: (q, q[:3]),       # out (B, nh, Sq, hd), lse (B, nh, Sq)
+            out_dtype=lambda q, k, v, m, p: (q, mstype.float32),
+            func_type="aot",
+            bprop=bprop,
+        )
+        self.params = Tensor(np.array([scale, 1.0 if causal else 0.0, band_width], np.float32))
+
+    def construct(self, q, k, v, key_mask):
+        out, _ = self.fwd(q, k, v, ops.cast(key_mask, mstype.float32), self.params)
+        return out
+
+
+def _ascend_fa_args(causal: bool, band_width: int, sq: int, sk: int):
+    """``(sparse_mode, pre_tokens, next_tokens)`` for ``ops.flash_attention_score`` with an explicit mask.
+
+    The key padding mask cannot be expressed by the compressed 2048x2048 masks of sparse_mode 2/3/4, so the
+    fused Ascend path passes the full ``(B, 1, Sq, Sk)`` uint8 mask (1 = masked out) with sparse_mode 0. In that
+    mode ``pre_tokens``/``next_tokens`` count from the top-left vertex: the kernel computes only ``i - pre_tokens
+    <= j <= i + next_tokens`` and skips tiles outside it. We set that band to exactly our causal/band structure
+    (queries aligned to the end of the keys: offset ``Sk - Sq``) where the op's documented limits allow it, and
+    to everything (2^31 - 1 both ways) otherwise; the explicit mask is exact in all cases.
+    """
+    if not causal:
+        return 0, _INT32_MAX, _INT32_MAX
+    offset = sk - sq
+    next_tokens = offset                                        # j - i <= Sk - Sq
+    pre_tokens = _INT32_MAX if band_width == 0 else band_width - 1 - offset  # i - j <= band_width - 1 - offset
+    valid = True
+    if pre_tokens < 0 and next_tokens < 0:
+        valid = False
+    elif pre_tokens < 0 and (next_tokens < -pre_tokens or -pre_tokens >= sq):
+        valid = False
+    elif next_tokens < 0 and (-next_tokens > pre_tokens or -next_tokens >= sk):
+        valid = False
+    if not valid:
+        return 0, _INT32_MAX, _INT32_MAX
+    return 0, pre_tokens, next_tokens
+
+
+class _AscendFlashAttention(nn.Cell):
+    """MindSpore's FlashAttentionScore (Ascend only): float16 compute, explicit (B, 1, Sq, Sk) mask."""
+
+    def __init__(self, head_dim: int, scale: float, causal: bool, band_width: int):
+        super().__init__()
+        if head_dim % 16 != 0 or head_dim > 512:
+            raise ValueError(f"ops.flash_attention_score needs head_dim a multiple of 16 and <= 512, got {head_dim}")
+        self.scale = scale
+        self.causal = causal
+        self.band_width = band_width
+
+    def construct(self, q, k, v, key_mask):
+        nh = q.shape[1]
+        sq = q.shape[2]
+        sk = k.shape[2]
+        sparse_mode, pre_tokens, next_tokens = _ascend_fa_args(self.causal, self.band_width, sq, sk)
+        visible = _visible_mask(key_mask, sq, sk, self.causal, self.band_width)     # (B, 1, Sq, Sk)
+        attn_mask = ops.cast(ops.logical_not(visible), mstype.uint8)                # (B, 1, Sq, Sk) 1 = masked
+        out = ops.flash_attention_score(
+            ops.cast(q, mstype.float16), ops.cast(k, mstype.float16), ops.cast(v, mstype.float16), nh,
+            attn_mask=attn_mask, scalar_value=self.scale, pre_tokens=pre_tokens, next_tokens=next_tokens,
+            input_layout="BNSD", sparse_mode=sparse_mode)                           # (B, nh, Sq, hd)
+        row_any = ops.cast(ops.any(visible, -1, keep_dims=True), mstype.float16)  # (B, 1, Sq, 1)
+        return ops.cast(out * row_any, q.dtype)                                    # (B, nh, Sq, hd)
+
+
+class FusedAttention(nn.Cell):
+    """Flash attention: aot C++ kernels on CPU, ``ops.flash_attention_score`` on Ascend; same contract as
+    :class:`ReferenceAttention`."""
+
+    def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None):
+        super().__init__()
+        self.scale = _check_config(head_dim, causal, band_width, scale)
+        self.head_dim = head_dim
+        self.causal = causal
+        self.band_width = band_width
+        self.device = ms.get_context("device_target")
+        if self.device == "Ascend":
+            self.impl = _AscendFlashAttention(head_dim, self.scale, causal, band_width)
+        elif self.device == "CPU":
+            self.impl = _CpuFlashAttention(self.scale, causal, band_width)
+        else:
+            raise ValueError(f"FusedAttention supports device_target 'CPU' or 'Ascend', got {self.device!r}; "
+                             f"use make_attention('reference', ...) there")
+
+    def construct(self, q, k, v, key_mask):
+        _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, self.head_dim)
+        _check_dtypes(q.dtype, k.dtype, v.dtype)
+        return self.impl(q, k, v, key_mask)
+
+
+def make_attention(impl: str, head_dim: int, causal: bool = False, band_width: int = 0,
+                   scale: float | None = None) -> nn.Cell:
+    """The attention core named by ``impl`` ('reference' or 'fused')."""
+    if impl == "reference":
+        return ReferenceAttention(head_dim, causal=causal, band_width=band_width, scale=scale)
+    if impl == "fused":
+        return FusedAttention(head_dim, causal=causal, band_width=band_width, scale=scale)
+    raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
