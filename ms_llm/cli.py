@@ -59,6 +59,15 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    _context(args.device)
+    from .generation import generate_cli
+    generate_cli(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                 tokenizer=args.tokenizer)
+    return 0
+
+
 def cmd_convert(args) -> int:
     _context(args.device)
     from .checkpoint.hf import convert
@@ -91,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     e.add_argument("--device", default="CPU", choices=("CPU", "Ascend"))
     e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("generate", help="generate text with a KV cache from a trained or converted decoder",
+                       description="Load an ms_llm run directory (from `ms-llm train` on a causal_lm task) or a "
+                                   "Hugging Face GPT-2 / Llama directory and continue a prompt; greedy by default.")
+    g.add_argument("--checkpoint", required=True, help="ms_llm run directory or Hugging Face directory")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--tokenizer", default=None, help="tokenizer file/folder (default: the one saved with the run)")
+    g.add_argument("--device", default="CPU", choices=("CPU", "Ascend"))
+    g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="convert weights: Hugging Face directory <-> ms_llm run directory",
                        description="--to ms: a Hugging Face directory (config.json + model.safetensors; BERT, GPT-2, "

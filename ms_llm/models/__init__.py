@@ -6,6 +6,10 @@ import importlib
 # arch -> (module, class) built as cls(model_cfg)
 MODELS = {
     "transformer": ("ms_llm.models.transformer", "Transformer"),
+    "bert": ("ms_llm.models.bert", "BertForPreTraining"),
+    "gpt": ("ms_llm.models.gpt", "GPTLMHeadModel"),
+    "switch": ("ms_llm.models.switch", "SwitchTransformer"),
+    "glam": ("ms_llm.models.glam", "GLaM"),
 }
 
 

@@ -7,6 +7,9 @@ TASKS = {
     "reverse": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
     "sort": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
     "copy": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
+    "causal_lm": ("ms_llm.data.causal_lm", "build_causal_lm_task"),
+    "mlm": ("ms_llm.data.bert", "build_mlm_task"),
+    "classification": ("ms_llm.data.bert", "build_classification_task"),
 }
 
 
