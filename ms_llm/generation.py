@@ -1,0 +1,434 @@
+"""Text generation for decoder-only models with a static-shape KV cache (Hugging Face ``generate`` conventions).
+
+Per layer the cache holds keys and values ``(B, nkv, L, hd)``; ``L`` is ``P + max_new_tokens`` rounded up to a
+multiple of ``cache_multiple``, so that nearby lengths share graphs. Two compiled graphs do the work:
+
+* **decode step**: one token per sequence ``(B, 1)`` against the caches. Every step has the same input shapes, so
+  it compiles once in GRAPH_MODE (per batch size and cache length) and is reused by later calls;
+* **prefill** (``prefill='forward'``): one full forward over the (left-padded) prompt ``(B, P)`` returning the last
+  position's logits and every layer's keys/values, zero-padded to ``L`` (one graph per prompt length). With
+  ``prefill='step'`` the prompt instead goes token by token through the decode graph, so a single graph serves the
+  whole generation; ``'auto'`` (default) steps through prompts of up to ``STEP_PREFILL_MAX`` tokens, where that is
+  cheaper than compiling a second graph on CPU.
+
+The new token's keys/values are written into slot ``t`` of the cache (a one-hot ``where``), and its attention
+visibility is an explicit key mask over slots: slot ``j`` is visible iff it holds a real (non-padding) token and
+``j <= t`` (dense layers), and additionally ``j > t - band_width`` in GPT-3's banded layers. With left padding the
+real tokens of a row occupy consecutive slots, so these are exactly the causal and band rules of the full forward.
+
+Conventions followed (Hugging Face transformers 5.x ``GenerationMixin``):
+
+* batches of prompts are **left**-padded; ``attention_mask`` marks real tokens. Position ids are
+  ``cumsum(attention_mask) - 1`` with padding at 0, and each new token's position is the previous one + 1
+  (``_prepare_position_ids_for_generation`` / ``_update_model_kwargs_for_generation``);
+* greedy (``do_sample=False``) takes the argmax of the raw logits; sampling applies, in this order, temperature,
+  top-k (default 50, 0 = off) and top-p (nucleus; the smallest set whose probability reaches ``top_p``, at least one
+  token) as ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper`` do;
+* ``eos_token_id`` (an id or a list of stop ids) finishes a sequence; finished sequences are continued with
+  ``pad_token_id``; generation ends when all are finished or after ``max_new_tokens``. ``min_new_tokens`` masks the
+  stop ids until that many tokens were generated;
+* the result is ``(B, P + generated)`` token ids (prompt included), as a numpy int64 array, or with
+  ``return_dict_in_generate=True`` a :class:`~ms_llm.models.outputs.ModelOutput` with ``sequences`` and optional
+  per-step ``scores`` (processed) and ``logits`` (raw), each a tuple of ``(B, V)`` float32 arrays.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from .models.outputs import ModelOutput
+
+_FROM_CONFIG = object()   # default of eos_token_id: the model config's eos id
+STEP_PREFILL_MAX = 64     # prefill='auto': prompts up to this length go token by token through the decode graph
+
+
+class _Prefill(nn.Cell):
+    """Prompt forward: (last logits (B, V), keys, values) with caches padded to the cache length."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids, attention_mask, position_ids, cache_pad):
+        logits, ks, vs = self.model.construct_prefill(input_ids, attention_mask, position_ids)
+        kc = ()
+        vc = ()
+        for k in ks:
+            kc = kc + (ops.concat((k, cache_pad), 2),)                      # (B, nkv, L, hd)
+        for v in vs:
+            vc = vc + (ops.concat((v, cache_pad), 2),)                      # (B, nkv, L, hd)
+        return logits, kc, vc
+
+
+class _DecodeStep(nn.Cell):
+    """One token per sequence against static caches: (logits (B, V), keys, values)."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids, position_ids, dense_mask, band_mask, slot_mask, k_caches, v_caches):
+        return self.model.construct_decode(input_ids, position_ids, dense_mask, band_mask, slot_mask, k_caches,
+                                           v_caches)
+
+
+def _steps(model):
+    """The (prefill, decode) cells of ``model``, built once and kept outside the Cell tree (not sub-cells)."""
+    steps = model.__dict__.get("_ms_llm_generation_steps")
+    if steps is None:
+        steps = (_Prefill(model), _DecodeStep(model))
+        object.__setattr__(model, "_ms_llm_generation_steps", steps)
+    return steps
+
+
+def _as_numpy_ids(x, name: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.asnumpy()
+    a = np.asarray(x)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"{name} must be (batch, length) with length >= 1, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def top_k_filter(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """Hugging Face TopKLogitsWarper: scores below the k-th largest become -inf (ties with it are kept)."""
+    k = min(top_k, scores.shape[-1])
+    kth = np.sort(scores, axis=-1)[:, -k][:, None]                          # (B, 1)
+    return np.where(scores < kth, -np.inf, scores)
+
+
+def top_p_filter(scores: np.ndarray, top_p: float) -> np.ndarray:
+    """Hugging Face TopPLogitsWarper: drop the tokens whose ascending cumulative probability is <= 1 - top_p."""
+    order = np.argsort(scores, axis=-1, kind="stable")                      # (B, V) ascending
+    sorted_scores = np.take_along_axis(scores, order, -1)                   # (B, V)
+    cum = np.cumsum(_softmax(sorted_scores), axis=-1)                       # (B, V)
+    remove_sorted = cum <= (1.0 - top_p)
+    remove_sorted[:, -1] = False                                            # keep at least one token
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, -1)
+    return np.where(remove, -np.inf, scores)
+
+
+def process_scores(raw: np.ndarray, suppress: Optional[np.ndarray], do_sample: bool, temperature: float,
+                   top_k: Optional[int], top_p: float) -> np.ndarray:
+    """Hugging Face's logits processors in order: min-new-tokens (``suppress`` ids -> -inf), then, when sampling,
+    temperature, top-k, top-p. ``raw`` (B, V) is not modified."""
+    scores = raw.copy()
+    if suppress is not None and suppress.size:
+        scores[:, suppress] = -np.inf
+    if do_sample:
+        if temperature != 1.0:
+            scores = scores / np.float32(temperature)
+        if top_k:
+            scores = top_k_filter(scores, int(top_k))
+        if top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+    return scores
+
+
+def sample_tokens(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row drawn from softmax(scores) (B, V) by inverse-CDF sampling with ``rng``."""
+    probs = _softmax(scores)                                                  # (B, V)
+    b = probs.shape[0]
+    u = rng.random((b, 1))
+    nxt = np.minimum((np.cumsum(probs, -1) < u).sum(-1), probs.shape[-1] - 1)   # first index with cdf >= u
+    return np.where(probs[np.arange(b), nxt] > 0, nxt, probs.argmax(-1))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, min_new_tokens):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _stop_ids(eos_token_id) -> np.ndarray:
+    if eos_token_id is None:
+        return np.zeros((0,), np.int64)
+    if isinstance(eos_token_id, (int, np.integer)):
+        return np.array([int(eos_token_id)], np.int64)
+    return np.array([int(i) for i in eos_token_id], np.int64)
+
+
+def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: Optional[int] = 50, top_p: float = 1.0,
+             eos_token_id: Union[int, Sequence[int], None] = _FROM_CONFIG, pad_token_id: Optional[int] = None,
+             min_new_tokens: int = 0, seed: Optional[int] = None, cache_multiple: int = 64,
+             return_dict_in_generate: bool = False, output_scores: bool = False, output_logits: bool = False,
+             streamer=None, prefill: str = "auto"):
+    """Generate continuations of ``input_ids`` (B, P) with a static KV cache; see the module docstring.
+
+    ``eos_token_id`` defaults to ``model.cfg.eos_token_id`` (pass ``None`` for no stop token), ``pad_token_id`` to
+    ``model.cfg.pad_token_id``. ``seed`` seeds the sampler (numpy). ``streamer`` is any object with ``put(ids)`` and
+    ``end()`` (Hugging Face's streamer interface): it receives the prompt, then each step's new tokens (B,).
+    ``prefill``: 'forward' (one graph over the prompt), 'step' (the prompt through the decode graph) or 'auto'.
+    """
+    cfg = model.cfg
+    ids = _as_numpy_ids(input_ids, "input_ids")                               # (B, P)
+    b, p = ids.shape
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        mask = np.asarray(attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else attention_mask)
+        mask = mask[None, :] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        mask = mask.astype(np.int64)
+    if (mask.sum(1) == 0).any():
+        raise ValueError("every prompt needs at least one real token (a row of attention_mask is all 0)")
+    if (mask[:, -1] == 0).any():
+        warnings.warn("a prompt is right-padded (attention_mask[:, -1] == 0); decoder-only generation needs left "
+                      "padding, as in Hugging Face", stacklevel=2)
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"input_ids must be in [0, {cfg.vocab_size}), got range [{ids.min()}, {ids.max()}]")
+    _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, min_new_tokens)
+    stop = _stop_ids(cfg.eos_token_id if eos_token_id is _FROM_CONFIG else eos_token_id)
+    pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
+
+    positions = np.where(mask == 1, np.cumsum(mask, 1) - 1, 0).astype(np.int64)   # (B, P), HF's rule
+    max_position = int(positions[:, -1].max()) + max_new_tokens - 1
+    if cfg.position_embedding in ("learned", "sinusoidal", "rotary") and max_position >= cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({p} tokens) + max_new_tokens={max_new_tokens} reaches position {max_position}, "
+                         f"beyond model.max_position_embeddings={cfg.max_position_embeddings}")
+    if cache_multiple < 1:
+        raise ValueError(f"cache_multiple must be >= 1, got {cache_multiple}")
+    cache_len = -(-(p + max_new_tokens) // cache_multiple) * cache_multiple   # L > P: room for every new token
+    nkv, hd = cfg.kv_heads, cfg.dim_per_head
+    rng = np.random.default_rng(seed)
+
+    if prefill not in ("auto", "step", "forward"):
+        raise ValueError(f"prefill must be 'auto', 'step' or 'forward', got {prefill!r}")
+    if prefill == "auto":
+        prefill = "step" if p <= STEP_PREFILL_MAX else "forward"
+
+    was_training = model.training
+    model.set_train(False)
+    prefill_cell, step_cell = _steps(model)
+    slots = np.arange(cache_len)
+    band = cfg.band_width if cfg.attention_pattern == "alternating_banded" else 0
+    valid = np.zeros((b, cache_len), np.float32)                              # slots holding real tokens
+
+    def step(tokens, pos, slot, ks, vs):
+        """Write ``tokens`` (B,) at cache slot ``slot`` and return their logits and the caches."""
+        dense = valid * (slots <= slot)                                       # (B, L)
+        banded = dense * (slots > slot - band) if band else dense             # (B, L)
+        slot_mask = (slots == slot).reshape(1, 1, cache_len, 1)               # (1, 1, L, 1)
+        return step_cell(Tensor(tokens[:, None].astype(np.int32)), Tensor(pos.astype(np.int32)),
+                         Tensor(dense), Tensor(banded.astype(np.float32)), Tensor(slot_mask),
+                         ms.mutable(ks), ms.mutable(vs))   # mutable: the caches are graph inputs, not constants
+
+    try:
+        if streamer is not None:
+            streamer.put(ids)
+        if prefill == "forward":
+            logits, ks, vs = prefill_cell(Tensor(ids.astype(np.int32)), Tensor(mask.astype(np.float32)),
+                                          Tensor(positions.astype(np.int32)),
+                                          Tensor(np.zeros((b, nkv, cache_len - p, hd), np.float32)))
+            valid[:, :p] = mask
+        else:   # the prompt token by token through the decode graph: one compiled graph serves everything
+            zeros = Tensor(np.zeros((b, nkv, cache_len, hd), np.float32))
+            ks = vs = tuple(zeros for _ in range(cfg.num_layers))
+            for j in range(p):
+                valid[:, j] = mask[:, j]
+                logits, ks, vs = step(ids[:, j], positions[:, j:j + 1], j, ks, vs)
+        unfinished = np.ones(b, bool)
+        out_ids = [ids]
+        all_scores, all_logits = [], []
+        pos = positions[:, -1:].copy()                                        # (B, 1)
+        for t in range(max_new_tokens):
+            raw = logits.asnumpy().astype(np.float32)                         # (B, V)
+            scores = process_scores(raw, stop if t < min_new_tokens else None, do_sample, temperature, top_k,
+                                    top_p)
+            nxt = sample_tokens(scores, rng) if do_sample else scores.argmax(-1)
+            if output_scores:
+                all_scores.append(scores.astype(np.float32))
+            if output_logits:
+                all_logits.append(raw)
+            nxt = np.where(unfinished, nxt, pad).astype(np.int64)             # (B,)
+            out_ids.append(nxt[:, None])
+            if streamer is not None:
+                streamer.put(nxt)
+            if stop.size:
+                unfinished &= ~np.isin(nxt, stop)
+            if not unfinished.any() or t == max_new_tokens - 1:
+                break
+            slot = p + t                                                      # cache slot of the new token
+            valid[:, slot] = 1.0
+            pos = pos + 1
+            logits, ks, vs = step(nxt, pos, slot, ks, vs)
+    finally:
+        model.set_train(was_training)
+        if streamer is not None:
+            streamer.end()
+    sequences = np.concatenate(out_ids, axis=1)                               # (B, P + generated)
+    if not return_dict_in_generate:
+        return sequences
+    out = ModelOutput(sequences=sequences)
+    if output_scores:
+        out["scores"] = tuple(all_scores)
+    if output_logits:
+        out["logits"] = tuple(all_logits)
+    return out
+
+
+class ProgressStreamer:
+    """A streamer (``put`` / ``end``) showing a tqdm bar over new tokens with tokens/s; keeps the ids it saw.
+
+    ``first_token_s`` is the time to the first new token (graph compilation and the prompt included);
+    ``tokens_per_second`` counts the later tokens of all sequences over the time after the first one.
+    """
+
+    def __init__(self, total: int, desc: str = "generating", disable: bool = False):
+        self.total, self.desc, self.disable = total, desc, disable
+        self.bar = None
+        self.prompt = None
+        self.new_tokens = []
+        self.start = self.first = self.last = None
+
+    def put(self, ids):
+        ids = np.asarray(ids)
+        now = time.perf_counter()
+        if self.prompt is None:
+            from tqdm import tqdm
+            self.prompt = ids
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="tok", disable=self.disable, leave=False)
+            self.start = now
+            return
+        self.new_tokens.append(ids)
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.bar.update(1)
+        if len(self.new_tokens) > 1:
+            self.bar.set_postfix_str(f"{self.tokens_per_second:.1f} tok/s")
+
+    def end(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def first_token_s(self) -> float:
+        return (self.first - self.start) if self.first is not None else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = (len(self.new_tokens) - 1) * (self.prompt.shape[0] if self.prompt is not None else 0)
+        dt = (self.last - self.first) if self.first is not None else 0.0
+        return n / dt if n > 0 and dt > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `ms-llm generate`
+# ----------------------------------------------------------------------------------------------------------------
+def _find_tokenizer(directory: str):
+    from .data.bpe import BPETokenizer
+    if os.path.exists(os.path.join(directory, "tokenizer.json")) or (
+            os.path.exists(os.path.join(directory, "vocab.json")) and
+            os.path.exists(os.path.join(directory, "merges.txt"))):
+        return BPETokenizer.load(directory)
+    return None
+
+
+def load_causal_lm(checkpoint_dir: str, tokenizer: Optional[str] = None):
+    """``(model, tokenizer)`` from a Hugging Face GPT-2 / Llama directory (``config.json`` + ``model.safetensors``)
+    or an ms_llm trainer output directory (``config.yaml`` + ``checkpoints/``). The tokenizer is ``tokenizer`` (a
+    path) if given, else the one saved in the directory (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``, or
+    ``tokenizer/`` of a training run), else the training config's ``data.tokenizer``, else, for a GPT-2-sized
+    vocabulary, the GPT-2 tokenizer shipped in ``ms_llm/data/assets/gpt2``."""
+    from .data.bpe import BPETokenizer
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
+    hf_cfg = os.path.join(checkpoint_dir, "config.json")
+    run_cfg = os.path.join(checkpoint_dir, "config.yaml")
+    tok = BPETokenizer.load(tokenizer) if tokenizer else None
+    if os.path.exists(hf_cfg):
+        import json
+        with open(hf_cfg) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type == "gpt2":
+            from .checkpoint.hf_gpt2 import from_pretrained
+        elif model_type == "llama":
+            from .checkpoint.hf_llama import from_pretrained
+        else:
+            raise ValueError(f"{hf_cfg}: model_type '{model_type}' is not a decoder ms_llm generates with "
+                             f"(gpt2, llama)")
+        model = from_pretrained(checkpoint_dir)
+        tok = tok or _find_tokenizer(checkpoint_dir)
+    elif os.path.exists(run_cfg):
+        from .config import load_config
+        from .models import build_model
+        from .training import checkpointing
+        cfg = load_config(run_cfg)
+        meta = checkpointing.latest(checkpoint_dir)
+        if meta is None:
+            raise FileNotFoundError(f"{checkpoint_dir}: a training run directory without checkpoints")
+        model = build_model(cfg.model)
+        if not hasattr(model, "construct_decode"):
+            raise ValueError(f"{run_cfg}: model.arch '{cfg.model.arch}' is not a decoder-only language model")
+        checkpointing.load_model(meta, model)
+        model.set_train(False)
+        tok = tok or _find_tokenizer(os.path.join(checkpoint_dir, "tokenizer"))
+        if tok is None and cfg.data.tokenizer:
+            tok = BPETokenizer.load(cfg.data.tokenizer)
+    else:
+        raise FileNotFoundError(f"{checkpoint_dir}: neither a Hugging Face directory (config.json) nor an ms_llm "
+                                f"training run (config.yaml)")
+    if tok is None and model.cfg.vocab_size == 50257:
+        tok = BPETokenizer.gpt2()
+    if tok is None:
+        raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer found; pass one (a tokenizer.json or a folder with "
+                                f"vocab.json + merges.txt)")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.cfg.vocab_size}")
+    return model, tok
+
+
+def generate_cli(checkpoint_dir: str, prompt: str, max_new_tokens: int = 50, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: Optional[int] = None,
+                 tokenizer: Optional[str] = None, progress: bool = True, print_fn=print) -> dict:
+    """``ms-llm generate --checkpoint DIR --prompt "..."``: load (see :func:`load_causal_lm`), generate with a
+    progress bar, print the text and a speed line. Returns ``{text, new_tokens, first_token_s, tokens_per_s}``."""
+    model, tok = load_causal_lm(checkpoint_dir, tokenizer)
+    ids = tok.encode(prompt) if prompt else [model.cfg.bos_token_id]
+    if not ids:
+        ids = [model.cfg.bos_token_id]
+    if model.cfg.position_embedding != "none" and len(ids) + max_new_tokens > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"{model.cfg.max_position_embeddings} positions")
+    streamer = ProgressStreamer(max_new_tokens, disable=not progress)
+    out = generate(model, np.array([ids]), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, streamer=streamer)
+    new = out[0, len(ids):]
+    text = tok.decode(out[0])
+    stats = {"text": text, "new_tokens": int(len(new)), "first_token_s": streamer.first_token_s,
+             "tokens_per_s": streamer.tokens_per_second}
+    print_fn(text)
+    print_fn(f"[{stats['new_tokens']} new tokens; first after {stats['first_token_s']:.2f} s (graph compilation and "
+             f"prompt included), then {stats['tokens_per_s']:.1f} tokens/s]")
+    return stats
