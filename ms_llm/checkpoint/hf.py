@@ -32,6 +32,8 @@ def converter_for(model_type: str):
 def from_pretrained(directory: str):
     """The ms_llm cell for a Hugging Face directory (by its model_type) or an ms_llm run directory, in eval mode."""
     from ..training import checkpointing
+    from .hf_bert import resolve_path
+    directory = resolve_path(directory)   # also accepts pkg:<package>/<path> for weights shipped in a package
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"not a directory: {directory}")
     meta = checkpointing.latest(directory)

@@ -88,7 +88,18 @@ def assign_weights(cell, weights: Mapping[str, np.ndarray], source: str = "", op
                       stacklevel=2)
     for n, p in params.items():
         if n in weights:
-            p.set_data(Tensor(np.asarray(weights[n]).astype(ms.dtype_to_nptype(p.dtype))))
+            p.set_data(Tensor(np.asarray(weights[n]).astype(np_dtype(p.dtype))))
+
+
+_NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.float64: np.float64, ms.int32: np.int32,
+              ms.int64: np.int64, ms.bool_: np.bool_}
+
+
+def np_dtype(ms_dtype):
+    """numpy dtype of a MindSpore parameter dtype."""
+    if ms_dtype not in _NP_DTYPES:
+        raise TypeError(f"no numpy dtype for MindSpore dtype {ms_dtype}")
+    return _NP_DTYPES[ms_dtype]
 
 
 def file_sha256(path: str) -> str:

@@ -30,6 +30,7 @@ from ..layers.linear import Linear
 from ..layers.mlp import FeedForward
 from ..layers.norm import make_norm
 from .outputs import NamedOutputs
+from ..checkpoint.io import np_dtype
 
 GPT_POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 
@@ -239,7 +240,7 @@ class GPTLMHeadModel(NamedOutputs, nn.Cell):
                 value = rng.normal(0.0, out_std, size=shape)
             else:
                 value = rng.normal(0.0, std, size=shape)
-            p.set_data(Tensor(value.astype(ms.dtype_to_nptype(p.dtype))))
+            p.set_data(Tensor(value.astype(np_dtype(p.dtype))))
 
     def project(self, x):
         """Hidden states (B, S, H) -> float32 logits (B, S, V)."""

@@ -16,7 +16,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ..checkpoint.io import CheckpointMismatchError, assign_weights, atomic_write_json, file_sha256, named_parameters
+from ..checkpoint.io import (CheckpointMismatchError, assign_weights, atomic_write_json, file_sha256,
+                             named_parameters, np_dtype)
 from ..config import dump_config, to_dict
 
 FORMAT = "ms_llm-train-v1"
@@ -105,5 +106,5 @@ def load(meta: dict, model, state_params: List) -> int:
     if missing or unexpected or shaped:
         raise CheckpointMismatchError(missing, unexpected, shaped, meta["path"] + " (optimizer state)")
     for n, p in names.items():
-        p.set_data(Tensor(state[n].astype(ms.dtype_to_nptype(p.dtype))))
+        p.set_data(Tensor(state[n].astype(np_dtype(p.dtype))))
     return int(meta["step"])
