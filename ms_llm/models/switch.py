@@ -1,4 +1,4 @@
-"""Switch Transformer (Fedus et al. 2021): a T5-style encoder-decoder with a top-1 sparse feed-forward every other layer.
+"""Switch Transformer (Fedus et al. 2021): a T5-style encoder-decoder, a top-1 sparse feed-forward every other layer.
 
 T5 v1.1 body (Raffel et al. 2020): shared token embedding (not scaled, no absolute positions), pre-norm blocks with
 a scale-only RMS layer norm, no biases, unscaled dot-product attention plus a learned relative position bias computed
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from mindspore import nn, ops
+from mindspore import ops
 
 from ..layers.attention import RelativePositionBias
 from ..layers.block import TransformerBlock

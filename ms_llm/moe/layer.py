@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Dict
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from .dispatcher import Dispatcher

@@ -1,0 +1,162 @@
+"""MoE layer vs a dense FFN with the same activated FLOPs, and index dispatch vs the one-hot einsum dispatch.
+
+For each (experts E, top-k) the MoE layer (router + dispatch + E experts of width F + combine) runs on the same
+tokens as a dense FFN of width k * F: with capacity factor 1.0 the experts hold exactly tokens * k slots, so both
+do the same matmul FLOPs (2 * 2 * H * F * k per token) and the time ratio measures the routing overhead. A second
+MoE column uses GShard/Mesh-TensorFlow's one-hot einsum dispatch/combine (O(G*T*E*C*H) instead of O(G*E*C*H)).
+Times are medians over repeats of forward + backward (gradients of the input and of every weight, as inside a
+network), GRAPH_MODE, float32, CPU. The three variants run back to back in every repeat and the reported ratio is
+the median of the per-repeat ratios, so slow drifts of the machine's load (it is shared) cancel out.
+
+    python bench/bench_moe.py [--quick]      # prints a markdown table, writes bench/results/moe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mindspore as ms                                                        # noqa: E402
+from mindspore import Tensor, nn, ops                                          # noqa: E402
+
+from ms_llm.config import ModelConfig, MoEConfig                              # noqa: E402
+from ms_llm.layers.mlp import FeedForward                                     # noqa: E402
+from ms_llm.moe import MoELayer                                               # noqa: E402
+from ms_llm.moe.dispatcher import Dispatcher                                  # noqa: E402
+
+
+class EinsumDispatcher(Dispatcher):
+    """Dispatch and combine as one-hot batched matmuls (GShard's einsums), same contract as Dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_a=True)
+
+    def dispatch(self, x, slot_token):
+        g, e, c = slot_token.shape
+        mask = ops.reshape(ops.one_hot(slot_token, x.shape[1], 1.0, 0.0), (g, e * c, x.shape[1]))   # (G, E*C, T)
+        slots = ops.reshape(self.bmm(mask, x), (g, e, c, x.shape[-1]))                          # (G, E, C, H)
+        return ops.reshape(ops.transpose(slots, (1, 0, 2, 3)), (e, g * c, x.shape[-1]))        # (E, G*C, H)
+
+    def combine(self, y, slot_token, slot_weight, tokens: int):
+        g, e, c = slot_token.shape
+        h = y.shape[-1]
+        y = ops.reshape(ops.transpose(ops.reshape(y, (e, g, c, h)), (1, 0, 2, 3)), (g, e * c, h))  # (G, E*C, H)
+        mask = ops.one_hot(slot_token, tokens, 1.0, 0.0) * ops.expand_dims(slot_weight, -1)       # (G, E, C, T)
+        return self.bmm_t(ops.reshape(mask, (g, e * c, tokens)), y)                               # (G, T, H)
+
+
+class Objective(nn.Cell):
+    def __init__(self, layer, moe: bool):
+        super().__init__()
+        self.layer = layer
+        self.moe = moe
+
+    def construct(self, x):
+        if self.moe:
+            y, aux = self.layer(x)
+            return y.sum() + aux
+        return self.layer(x).sum()
+
+
+def run_once(fn, x) -> float:
+    t0 = time.perf_counter()
+    dx, dw = fn(x)
+    dx.asnumpy()
+    for g in dw:
+        g.asnumpy()
+    return time.perf_counter() - t0
+
+
+def grad_fn(net):
+    return ms.grad(net, grad_position=0, weights=net.trainable_params())
+
+
+def bench_case(experts: int, k: int, args, batch: int) -> dict:
+    h, f = args.hidden, args.ffn
+    cfg = ModelConfig(arch="glam", hidden_size=h, num_heads=4, ffn_hidden_size=f, activation="relu", use_bias=False,
+                      dropout=0.0, moe=MoEConfig(num_experts=experts, top_k=k, capacity_factor_train=1.0,
+                                                 capacity_factor_eval=1.0))
+    x = Tensor(np.random.default_rng(0).normal(size=(batch, args.seq, h)).astype(np.float32))
+    dense = Objective(FeedForward(h, k * f, "relu", has_bias=False), moe=False)
+    moe = Objective(MoELayer(cfg), moe=True)
+    einsum_layer = MoELayer(cfg)
+    einsum_layer.dispatcher = EinsumDispatcher()
+    einsum = Objective(einsum_layer, moe=True)
+    for net in (dense, moe, einsum):
+        net.set_train(True)
+    # same routing, same outputs: the two dispatchers are interchangeable
+    for src, dst in zip(moe.trainable_params(), einsum.trainable_params()):
+        dst.set_data(src.data)
+    y1, y2 = moe.layer(x)[0].asnumpy(), einsum.layer(x)[0].asnumpy()
+    assert np.allclose(y1, y2, rtol=1e-4, atol=1e-5), "einsum and index dispatch disagree"
+    fns = {name: grad_fn(net) for name, net in (("dense", dense), ("moe", moe), ("einsum", einsum))}
+    for fn in fns.values():                                                   # compile and warm up
+        run_once(fn, x)
+        run_once(fn, x)
+    samples = {name: [] for name in fns}
+    for _ in range(args.repeats):                                             # back to back: same machine load
+        for name, fn in fns.items():
+            samples[name].append(run_once(fn, x))
+    t = {name: statistics.median(v) for name, v in samples.items()}
+    ratio = lambda name: statistics.median(a / b for a, b in zip(samples[name], samples["dense"]))   # noqa: E731
+    tokens = batch * args.seq
+    return {"experts": experts, "top_k": k, "tokens": tokens, "hidden": h, "expert_ffn": f, "dense_ffn": k * f,
+            "capacity_per_sequence": -(-args.seq * k // experts), "tokens_per_expert": tokens * k // experts,
+            "dense_ms": 1e3 * t["dense"], "moe_ms": 1e3 * t["moe"], "moe_einsum_ms": 1e3 * t["einsum"],
+            "ratio": ratio("moe"), "ratio_einsum": ratio("einsum"), "repeats": args.repeats}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--quick", action="store_true", help="small shapes, one round (smoke run)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "moe.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.batch, args.seq, args.hidden, args.ffn, args.repeats = 2, 64, 64, 128, 3
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    # the four (experts, top-k) cases, then 64 experts / top-1 again with 4x the tokens: the ratio depends on how
+    # many tokens share each expert's weights (the weight-gradient GEMMs of 64 experts are small and memory-bound)
+    cases = [(8, 1, args.batch), (8, 2, args.batch), (64, 1, args.batch), (64, 2, args.batch),
+             (64, 1, 4 * args.batch)]
+    rows = [bench_case(e, k, args, b) for e, k, b in cases]
+    print(f"MoE layer vs dense FFN of equal activated FLOPs, forward + backward, sequences of {args.seq} tokens, "
+          f"H={args.hidden}, expert F={args.ffn}, capacity factor 1.0, float32, CPU, median of {args.repeats} "
+          f"paired repeats")
+    print()
+    print("| experts | top-k | tokens | tokens/expert | dense FFN width | dense ms | MoE ms | MoE / dense | MoE, "
+          "one-hot einsum dispatch, ms | einsum / dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['experts']} | {r['top_k']} | {r['tokens']} | {r['tokens_per_expert']} | {r['dense_ffn']} | "
+              f"{r['dense_ms']:.0f} | {r['moe_ms']:.0f} | {r['ratio']:.2f}x | {r['moe_einsum_ms']:.0f} | "
+              f"{r['ratio_einsum']:.2f}x |")
+    result = {"benchmark": "moe_vs_dense_ffn", "mode": "forward+backward", "dtype": "float32",
+              "mindspore": ms.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cores",
+              "load_average_1min": os.getloadavg()[0], "quick": args.quick, "rows": rows}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(tmp, args.out)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
