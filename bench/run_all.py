@@ -89,10 +89,12 @@ class Runner:
         self.versions = {}
 
     def worker(self, side: str, tag: str) -> Worker:
-        if side == "ours":
+        """side 'ours' (this repo's ms_llm, or --ms-llm-root's), 'candidate' (--candidate-root's) or 'peer'."""
+        if side in ("ours", "candidate"):
             argv = [sys.executable, os.path.join(HERE, "worker_ms.py")]
-            if self.args.ms_llm_root:
-                argv += ["--ms-llm-root", self.args.ms_llm_root]
+            root = self.args.ms_llm_root if side == "ours" else self.args.candidate_root
+            if root:
+                argv += ["--ms-llm-root", root]
         else:
             argv = [self.peer_python, os.path.join(HERE, "worker_hf.py")]
         argv += ["--threads", str(self.args.threads)]
@@ -101,45 +103,79 @@ class Runner:
             self.versions[side] = w.call("versions", 300)
         return w
 
-    def peers(self, tag: str):
-        """(ours worker, peer worker or None)."""
-        ours = self.worker("ours", tag)
-        peer = None
+    def sides(self, tag: str, candidate: bool = True) -> dict:
+        """{side: worker}: ours, the candidate tree (if --candidate-root), the peer (if its interpreter works)."""
+        workers = {"ours": self.worker("ours", tag)}
+        if candidate and self.args.candidate_root:
+            workers["candidate"] = self.worker("candidate", tag)
         if self.peer_python:
             try:
-                peer = self.worker("peer", tag)
+                workers["peer"] = self.worker("peer", tag)
             except WorkerError as e:
                 self.peer_note = f"peer worker failed to start ({e}): peers skipped"
                 log(self.peer_note)
                 self.peer_python = None
-        return ours, peer
+        return workers
+
+    @staticmethod
+    def close(workers: dict) -> None:
+        for w in workers.values():
+            w.close()
+
+    def setup(self, workers: dict, cmd: str, label: str, out: dict, **kw) -> dict:
+        """Run ``cmd`` on every side; a failing side other than 'ours' is dropped (its error kept in ``out``)."""
+        setup = {}
+        for side in list(workers):
+            try:
+                setup[side] = workers[side].call(cmd, self.args.setup_timeout, **kw)
+            except WorkerError as e:
+                if side == "ours":
+                    raise
+                out[f"{side}_error"] = str(e)
+                log(f"{label}: {side} failed: {last_error_line(str(e))}")
+                workers.pop(side).close()
+        return setup
 
     def interleave(self, workers: dict, rounds: int, per_round: int, timeout: float) -> dict:
-        """{side: [[times of round 0], [round 1], ...]}: the sides alternate who goes first each round."""
+        """{side: [[times of round 0], [round 1], ...]}: the order of the sides rotates every round, so each goes
+        first, in the middle and last equally often."""
         times = {side: [] for side in workers}
         order = list(workers)
         for r in range(rounds):
-            for side in (order if r % 2 == 0 else order[::-1]):
+            k = r % len(order)
+            for side in order[k:] + order[:k]:
                 times[side].append(workers[side].call("run", timeout, n=per_round)["times"])
         return times
 
+    @staticmethod
+    def paired(times: dict, a: str, b: str) -> float:
+        """Median over rounds of median(b's times) / median(a's times): a's speed over b's, paired by round."""
+        return statistics.median([statistics.median(y) / statistics.median(x) for x, y in zip(times[a], times[b])])
+
+    def ratios(self, times: dict, out: dict) -> None:
+        if "peer" in times:
+            out["ratio_rounds"] = [statistics.median(p) / statistics.median(o)
+                                   for o, p in zip(times["ours"], times["peer"])]
+            out["ratio"] = self.paired(times, "ours", "peer")              # ours tokens/s over the peer's
+            if "candidate" in times:
+                out["candidate_ratio"] = self.paired(times, "candidate", "peer")
+        if "candidate" in times:
+            out["candidate_vs_ours"] = self.paired(times, "candidate", "ours")
+
     # --------------------------------------------------------------------------------------- suites
     def matmul(self, c: dict) -> dict:
-        ours, peer = self.peers("matmul")
+        sides = self.sides("matmul", candidate=False)
         rows = []
         try:
             for n in c["sizes"]:
-                workers = {}                      # mindspore and numpy share our worker, set up one at a time
-                for lib in ("mindspore", "numpy", "torch"):
-                    w = peer if lib == "torch" else ours
-                    if w is None:
-                        continue
-                    workers[lib] = w
-                best = {lib: [] for lib in workers}
+                # mindspore and numpy share our worker, set up one at a time
+                libs = {lib: sides[side] for lib, side in (("mindspore", "ours"), ("numpy", "ours"), ("torch", "peer"))
+                        if side in sides}
+                best = {lib: [] for lib in libs}
                 for r in range(c["rounds"]):
-                    for lib in (list(workers) if r % 2 == 0 else list(workers)[::-1]):
-                        workers[lib].call("setup_matmul", 600, size=n, lib=lib)
-                        best[lib] += workers[lib].call("run", 600, n=c["per_round"])["times"]
+                    for lib in (list(libs) if r % 2 == 0 else list(libs)[::-1]):
+                        libs[lib].call("setup_matmul", 600, size=n, lib=lib)
+                        best[lib] += libs[lib].call("run", 600, n=c["per_round"])["times"]
                 for lib, ts in best.items():
                     flops = 2.0 * n ** 3
                     rows.append({"lib": lib, "n": n, "best_gflops": flops / min(ts) / 1e9,
@@ -147,9 +183,7 @@ class Runner:
                     log(f"matmul {lib} n={n}: best {rows[-1]['best_gflops']:.1f} GFLOPS, "
                         f"median {rows[-1]['median_gflops']:.1f}")
         finally:
-            ours.close()
-            if peer:
-                peer.close()
+            self.close(sides)
         peak = {}
         for r in rows:
             peak[r["lib"]] = max(peak.get(r["lib"], 0.0), r["best_gflops"])
@@ -157,30 +191,18 @@ class Runner:
 
     def train(self, name: str, c: dict, peak_gflops: float | None) -> dict:
         arch = "bert" if name == "train_bert" else "gpt"
-        ours, peer = self.peers(name)
         kw = dict(arch=arch, model=c["model"], batch=c["batch"], seq=c["seq"], warmup=c["warmup"],
                   attention_impl=self.args.attention_impl)
         out = {"arch": arch, "batch": c["batch"], "seq": c["seq"], "layers": c["model"]["num_layers"],
                "hidden": c["model"]["hidden_size"], "vocab": c["model"]["vocab_size"]}
+        workers = self.sides(name)
         try:
-            setup = {"ours": ours.call("setup_train", self.args.setup_timeout, **kw)}
-            log(f"{name}: ours set up ({setup['ours']['params']:,} params, first step "
-                f"{setup['ours']['first_step_s']:.1f} s)")
-            workers = {"ours": ours}
-            if peer:
-                try:
-                    setup["peer"] = peer.call("setup_train", self.args.setup_timeout, **kw)
-                    workers["peer"] = peer
-                    log(f"{name}: peer set up ({setup['peer']['params']:,} params, first step "
-                        f"{setup['peer']['first_step_s']:.1f} s)")
-                except WorkerError as e:
-                    out["peer_error"] = str(e)
-                    log(f"{name}: peer failed: {e}")
+            setup = self.setup(workers, "setup_train", name, out, **kw)
+            for side, s in setup.items():
+                log(f"{name}: {side} set up ({s['params']:,} params, first step {s['first_step_s']:.1f} s)")
             times = self.interleave(workers, c["rounds"], c["per_round"], self.args.run_timeout)
         finally:
-            ours.close()
-            if peer:
-                peer.close()
+            self.close(workers)
         tokens = c["batch"] * c["seq"]
         flops = setup["ours"]["flops_per_token"]
         out.update(tokens_per_step=tokens, flops_per_token=flops, params=setup["ours"]["params"],
@@ -191,18 +213,17 @@ class Runner:
             out[side] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "runs": flat,
                          "first_step_s": setup[side]["first_step_s"], "params": setup[side]["params"],
                          "mfu": (tokens / step_s * flops / (peak_gflops * 1e9)) if peak_gflops else None}
-        if "peer" in times:
-            if setup["peer"]["params"] != setup["ours"]["params"]:
-                out["param_mismatch"] = f"ours {setup['ours']['params']:,} vs peer {setup['peer']['params']:,}"
-            ratios = [statistics.median(p) / statistics.median(o) for o, p in zip(times["ours"], times["peer"])]
-            out["ratio_rounds"] = ratios
-            out["ratio"] = statistics.median(ratios)             # ours tokens/s over the peer's, paired by round
-        log(f"{name}: ours {out['ours']['tokens_per_s']:.0f} tok/s"
-            + (f", peer {out['peer']['tokens_per_s']:.0f} tok/s, ratio {out['ratio']:.2f}" if "ratio" in out else ""))
+            if setup[side]["params"] != setup["ours"]["params"]:
+                out["param_mismatch"] = f"ours {setup['ours']['params']:,} vs {side} {setup[side]['params']:,}"
+        self.ratios(times, out)
+        out["load_average_1min_after"] = os.getloadavg()[0]
+        log(f"{name}: " + ", ".join(f"{side} {out[side]['tokens_per_s']:.0f} tok/s" for side in times)
+            + (f", ours / peer {out['ratio']:.2f}" if "ratio" in out else "")
+            + (f", candidate / ours {out['candidate_vs_ours']:.2f}" if "candidate_vs_ours" in out else ""))
         return out
 
     def generate(self, c: dict) -> list:
-        ours, peer = self.peers("generate")
+        workers = self.sides("generate")
         rows = []
         try:
             for b in c["batches"]:
@@ -211,35 +232,25 @@ class Runner:
                 row = {"batch": b, "prompt": c["prompt"], "new_tokens": c["new_tokens"],
                        "layers": c["model"]["num_layers"]}
                 try:
-                    setup = {"ours": ours.call("setup_generate", self.args.setup_timeout, **kw)}
-                    workers = {"ours": ours}
-                    if peer:
-                        try:
-                            setup["peer"] = peer.call("setup_generate", self.args.setup_timeout, **kw)
-                            workers["peer"] = peer
-                        except WorkerError as e:
-                            row["peer_error"] = str(e)
+                    setup = self.setup(workers, "setup_generate", f"generate batch {b}", row, **kw)
                     times = self.interleave(workers, c["rounds"], c["per_round"], self.args.run_timeout)
                 except WorkerError as e:
                     row["error"] = str(e)
                     rows.append(row)
-                    log(f"generate batch {b}: failed: {e}")
+                    log(f"generate batch {b}: failed: {last_error_line(str(e))}")
                     continue
                 toks = b * c["new_tokens"]
                 for side, rounds in times.items():
                     flat = [t for r in rounds for t in r]
                     row[side] = {"call_s": statistics.median(flat), "tokens_per_s": toks / statistics.median(flat),
                                  "runs": flat, "first_call_s": setup[side]["first_call_s"]}
-                if "peer" in times:
-                    row["ratio"] = statistics.median([statistics.median(p) / statistics.median(o)
-                                                      for o, p in zip(times["ours"], times["peer"])])
+                self.ratios(times, row)
+                row["load_average_1min_after"] = os.getloadavg()[0]
                 rows.append(row)
-                log(f"generate batch {b}: ours {row['ours']['tokens_per_s']:.1f} tok/s"
-                    + (f", peer {row['peer']['tokens_per_s']:.1f}, ratio {row['ratio']:.2f}" if "ratio" in row else ""))
+                log(f"generate batch {b}: " + ", ".join(f"{side} {row[side]['tokens_per_s']:.1f} tok/s" for side in times)
+                    + (f", ours / peer {row['ratio']:.2f}" if "ratio" in row else ""))
         finally:
-            ours.close()
-            if peer:
-                peer.close()
+            self.close(workers)
         return rows
 
     def moe(self, c: dict) -> dict:
@@ -261,9 +272,12 @@ class Runner:
 
     def compile(self, c: dict) -> list:
         rows = []
-        for depth in c["depths"]:
-            row = {"layers": depth, "hidden": c["model"]["hidden_size"], "batch": c["batch"], "seq": c["seq"]}
-            w = self.worker("ours", f"compile{depth}")
+        runs = [(side, depth) for side in (("ours", "candidate") if self.args.candidate_root else ("ours",))
+                for depth in c["depths"]]
+        for side, depth in runs:
+            row = {"side": side, "layers": depth, "hidden": c["model"]["hidden_size"], "batch": c["batch"],
+                   "seq": c["seq"]}
+            w = self.worker(side, f"compile{depth}")
             try:
                 s = w.call("setup_compile", self.args.setup_timeout, model=c["model"], layers=depth,
                            batch=c["batch"], seq=c["seq"])
@@ -271,11 +285,11 @@ class Runner:
                 step = statistics.median(ts)
                 row.update(params=s["params"], first_step_s=s["first_step_s"], step_s=step,
                            compile_s=s["first_step_s"] - step)
-                log(f"compile {depth} layers: first step {s['first_step_s']:.1f} s, step {step:.2f} s, "
+                log(f"compile {side} {depth} layers: first step {s['first_step_s']:.1f} s, step {step:.2f} s, "
                     f"compile ~{row['compile_s']:.1f} s")
             except WorkerError as e:
                 row["error"] = str(e)
-                log(f"compile {depth} layers failed: {last_error_line(str(e))}")
+                log(f"compile {side} {depth} layers failed: {last_error_line(str(e))}")
             finally:
                 w.close()
             rows.append(row)
@@ -295,6 +309,10 @@ def fmt(x, spec=".1f", none="n/a"):
     return none if x is None else format(x, spec)
 
 
+def pct(x):
+    return "n/a" if not x else f"{100 * x:.1f}%"
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     v = res["versions"]
@@ -308,6 +326,9 @@ def markdown(res: dict) -> str:
              f"ms_llm commit {m['git_commit']}; {m['date']}.", ""]
     if res.get("peer_note"):
         lines += [f"**Peers:** {res['peer_note']}", ""]
+    if res.get("candidate_root"):
+        lines += [f"**Candidate:** a second ms_llm tree, `{res['candidate_root']}`, ran as a third side of the training, "
+                  f"generation and compile cases, interleaved with this repo's ms_llm and the peer.", ""]
     mm = res.get("matmul")
     peak = None
     if isinstance(mm, dict) and "rows" in mm:
@@ -318,38 +339,55 @@ def markdown(res: dict) -> str:
         lines += ["", f"Peak used for MFU: **{peak:.1f} GFLOPS** (best over libraries and sizes).", ""]
     elif mm:
         lines += ["## fp32 matmul peak", "", f"failed: {mm.get('error', '')[:300]}", ""]
-    tr = [res[k] for k in ("train_bert", "train_gpt") if k in res]
+    cand = bool(res.get("candidate_root"))
+    cand_head = " candidate tok/s | candidate / HF | candidate / ms_llm |" if cand else ""
+    tr = [(name, res[k]) for name, k in (("BERT encoder", "train_bert"), ("GPT-3 Small decoder", "train_gpt"))
+          if k in res]
     if tr:
         lines += ["## Training step (float32, AdamW + clip, dropout on)", "",
                   "| model | layers x hidden | batch x seq | params | ms_llm tok/s | HF tok/s | ms_llm / HF | "
-                  "ms_llm MFU | HF MFU | ms_llm first step s |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in zip(("BERT encoder", "GPT-3 Small decoder"), tr):
-            if "error" in r:
-                lines.append(f"| {name} | | | | failed: `{last_error_line(r['error'])}` | | | | | |")
+                  "ms_llm MFU | HF MFU | ms_llm first step s |" + cand_head,
+                  "|---|---|---|---|---|---|---|---|---|---|" + "---|---|---|" * cand]
+        for name, r in tr:
+            if "ours" not in r:
+                lines.append(f"| {name} | | | | failed: `{last_error_line(r.get('error', ''))}` | | | | | |")
                 continue
             p = r.get("peer", {})
-            lines.append(f"| {name} | {r['layers']} x {r['hidden']} | {r['batch']} x {r['seq']} | {r['params']:,} | "
-                         f"{r['ours']['tokens_per_s']:.0f} | {fmt(p.get('tokens_per_s'), '.0f')} | "
-                         f"**{fmt(r.get('ratio'), '.2f')}x** | {fmt(100 * r['ours']['mfu'] if r['ours']['mfu'] else None)}% | "
-                         f"{fmt(100 * p['mfu'] if p.get('mfu') else None)}% | {r['first_step_s']:.1f} |")
-        lines.append("")
+            line = (f"| {name} | {r['layers']} x {r['hidden']} | {r['batch']} x {r['seq']} | {r['params']:,} | "
+                    f"{r['ours']['tokens_per_s']:.0f} | {fmt(p.get('tokens_per_s'), '.0f')} | "
+                    f"**{fmt(r.get('ratio'), '.2f')}x** | {pct(r['ours'].get('mfu'))} | {pct(p.get('mfu'))} | "
+                    f"{r['first_step_s']:.1f} |")
+            if cand:
+                cd = r.get("candidate", {})
+                line += (f" {fmt(cd.get('tokens_per_s'), '.0f')} | {fmt(r.get('candidate_ratio'), '.2f')}x | "
+                         f"{fmt(r.get('candidate_vs_ours'), '.2f')}x |")
+            lines.append(line)
+        lines += ["", "Tokens/s = batch x seq / median step time; MFU = tokens/s x training FLOPs per token / the "
+                      "matmul peak above; ms_llm / HF = median over rounds of the paired tokens/s ratio.", ""]
     gen = res.get("generate")
     if gen:
         lines += ["## Generation with the KV cache (greedy, float32)", "",
-                  "| layers | batch | prompt + new tokens | ms_llm tok/s | HF `generate` tok/s | ms_llm / HF |",
-                  "|---|---|---|---|---|---|"]
+                  "| layers | batch | prompt + new tokens | ms_llm tok/s | HF `generate` tok/s | ms_llm / HF |"
+                  + (" candidate tok/s | candidate / ms_llm |" if cand else ""),
+                  "|---|---|---|---|---|---|" + "---|---|" * cand]
         if isinstance(gen, dict):
-            lines.append(f"| failed: {gen.get('error', '')[:200]} | | | | | |")
+            lines.append(f"| failed: `{last_error_line(gen.get('error', ''))}` | | | | | |")
         else:
             for r in gen:
-                if "error" in r:
-                    lines.append(f"| {r['layers']} | {r['batch']} | | failed: `{last_error_line(r['error'])}` | | |")
+                if "ours" not in r:
+                    lines.append(f"| {r['layers']} | {r['batch']} | | failed: `{last_error_line(r.get('error', ''))}`"
+                                 f" | | |")
                     continue
                 p = r.get("peer", {})
-                lines.append(f"| {r['layers']} | {r['batch']} | {r['prompt']} + {r['new_tokens']} | "
-                             f"{r['ours']['tokens_per_s']:.1f} | {fmt(p.get('tokens_per_s'))} | "
-                             f"**{fmt(r.get('ratio'), '.2f')}x** |")
-        lines.append("")
+                line = (f"| {r['layers']} | {r['batch']} | {r['prompt']} + {r['new_tokens']} | "
+                        f"{r['ours']['tokens_per_s']:.1f} | {fmt(p.get('tokens_per_s'))} | "
+                        f"**{fmt(r.get('ratio'), '.2f')}x** |")
+                if cand:
+                    line += (f" {fmt(r.get('candidate', {}).get('tokens_per_s'))} | "
+                             f"{fmt(r.get('candidate_vs_ours'), '.2f')}x |")
+                lines.append(line)
+        lines += ["", "Tokens/s = batch x new tokens / median wall time of one `generate` call (prompt included).",
+                  ""]
     moe = res.get("moe")
     if moe:
         lines += ["## MoE layer vs dense FFN of equal activated FLOPs (forward + backward)", ""]
@@ -370,19 +408,23 @@ def markdown(res: dict) -> str:
         if isinstance(comp, dict):
             lines.append(f"failed: {comp.get('error', '')[:300]}")
         else:
-            lines += ["| layers | hidden | params | first step s | steady step s | compile s (first - steady) |",
-                      "|---|---|---|---|---|---|"]
+            lines += ["| ms_llm | layers | hidden | params | first step s | steady step s | compile s (first - steady) |",
+                      "|---|---|---|---|---|---|---|"]
             for r in comp:
+                who = r.get("side", "ours").replace("ours", "this repo")
                 if "error" in r:
-                    lines.append(f"| {r['layers']} | {r['hidden']} | | failed: `{last_error_line(r['error'])}` | | |")
+                    lines.append(f"| {who} | {r['layers']} | {r['hidden']} | | failed: "
+                                 f"`{last_error_line(r['error'])}` | | |")
                 else:
-                    lines.append(f"| {r['layers']} | {r['hidden']} | {r['params']:,} | {r['first_step_s']:.1f} | "
-                                 f"{r['step_s']:.2f} | {r['compile_s']:.1f} |")
-            ok = [r for r in comp if "error" not in r]
-            if len(ok) == 2 and ok[0]["compile_s"] > 0:
-                lines += ["", f"Compile time {ok[1]['layers']} / {ok[0]['layers']} layers: "
-                              f"**{ok[1]['compile_s'] / ok[0]['compile_s']:.2f}x** "
-                              f"(depth x{ok[1]['layers'] / ok[0]['layers']:.0f})."]
+                    lines.append(f"| {who} | {r['layers']} | {r['hidden']} | {r['params']:,} | "
+                                 f"{r['first_step_s']:.1f} | {r['step_s']:.2f} | {r['compile_s']:.1f} |")
+            for side in ("ours", "candidate"):
+                ok = [r for r in comp if r.get("side", "ours") == side and "error" not in r]
+                if len(ok) == 2 and ok[0]["compile_s"] > 0:
+                    lines += ["", f"Compile time {ok[1]['layers']} / {ok[0]['layers']} layers "
+                                  f"({side.replace('ours', 'this repo')}): "
+                                  f"**{ok[1]['compile_s'] / ok[0]['compile_s']:.2f}x** "
+                                  f"(depth x{ok[1]['layers'] / ok[0]['layers']:.0f})."]
         lines.append("")
     lines += goals(res, peak)
     return "\n".join(lines) + "\n"
@@ -431,6 +473,9 @@ def main(argv=None) -> int:
                    help="ms_llm attention core for the training and generation cases")
     p.add_argument("--ms-llm-root", default=None,
                    help="benchmark the ms_llm package of another source tree (e.g. a patched copy); default: this repo")
+    p.add_argument("--candidate-root", default=None,
+                   help="also run a second ms_llm source tree (e.g. with proposed fixes) as a third side of the "
+                        "training and generation cases, interleaved with ours and the peer")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default=None, help="output file stem in --out-dir (default: quick / full)")
     p.add_argument("--setup-timeout", type=float, default=3600.0)
@@ -444,15 +489,16 @@ def main(argv=None) -> int:
     if args.threads < 1:
         p.error("--threads must be >= 1")
     args.out_dir = os.path.abspath(args.out_dir)
-    if args.ms_llm_root:
-        args.ms_llm_root = os.path.abspath(args.ms_llm_root)
+    for k in ("ms_llm_root", "candidate_root"):
+        if getattr(args, k):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
     os.makedirs(args.out_dir, exist_ok=True)
     c = preset(args.preset)
     runner = Runner(args)
     if runner.peer_note:
         log(runner.peer_note)
     res = {"preset": args.preset, "machine": machine_info(args.threads), "suites": suites,
-           "ms_llm_root": os.path.abspath(args.ms_llm_root) if args.ms_llm_root else ROOT,
+           "ms_llm_root": args.ms_llm_root or ROOT, "candidate_root": args.candidate_root,
            "attention_impl": args.attention_impl, "presets": c}
     t_start = time.perf_counter()
     peak = None

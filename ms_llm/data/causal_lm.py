@@ -22,6 +22,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ..moe.layer import moe_log_metrics
 from ..training.losses import cross_entropy
 from .bpe import BPETokenizer
 from .corpus import default_corpus, read_documents
@@ -158,10 +159,20 @@ class _TokenNLL(nn.Cell):
 # ------------------------------------------------------------------------------------------------------------------
 def gpt_flops_per_token(cfg, seq_length: int) -> float:
     """Training FLOPs per token: 6 x (matmul weights touched per token, output head included) + 3 x the forward
-    attention score / value matmuls (2 x 2 x S x heads x head_dim per layer; the causal half is not discounted)."""
+    attention score / value matmuls (2 x 2 x S x heads x head_dim per layer; the causal half is not discounted).
+
+    In MoE layers (GLaM) a token touches the router (hidden x experts) and ``top_k`` experts of
+    ``moe.expert_ffn_hidden_size`` with ``moe.expert_activation`` (gated or plain), not the dense FFN: the activated
+    FLOPs, as in the MoE papers' FLOPs-per-token accounting (dropped tokens are not discounted)."""
     h, f, nl = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
     d_attn, d_kv = cfg.num_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
-    mats = nl * (2 * h * d_attn + 2 * h * d_kv + (3 if cfg.is_gated else 2) * h * f) + h * cfg.vocab_size
+    moe = cfg.moe
+    dense_ffn = (3 if cfg.is_gated else 2) * h * f
+    expert_mats = (3 if (moe.expert_activation or cfg.activation) in ("swiglu", "geglu", "reglu") else 2) * h * \
+        (moe.expert_ffn_hidden_size or f)
+    ffn = [moe.top_k * expert_mats + h * moe.num_experts if moe.num_experts and moe.is_moe_layer(i) else dense_ffn
+           for i in range(nl)]
+    mats = nl * (2 * h * d_attn + 2 * h * d_kv) + sum(ffn) + h * cfg.vocab_size
     return 6.0 * mats + 3.0 * nl * 4.0 * seq_length * d_attn
 
 
@@ -237,7 +248,8 @@ def build_causal_lm_task(cfg):
     return Task(model=model, loss_net=loss_net, batches=lambda start: data.batches(start, t.batch_size),
                 evaluate=evaluate, tokens_per_batch=t.batch_size * d.seq_length,
                 flops_per_token=gpt_flops_per_token(m, d.seq_length), sample=sample,
-                initialized_from=initialized_from)
+                initialized_from=initialized_from,
+                log_metrics=moe_log_metrics if m.moe.num_experts > 0 else None)
 
 
 def _converter(model_type):

@@ -23,7 +23,9 @@ class Activation(nn.Cell):
         if self.name == "gelu":
             return ops.gelu(x, approximate="none")
         if self.name == "gelu_new":
-            return ops.gelu(x, approximate="tanh")
+            # 0.5 x (1 + tanh(z)) == x sigmoid(2 z), z = sqrt(2/pi) (x + 0.044715 x^3): same function, and on CPU
+            # ~6x faster forward + backward than the GeLU kernel (bench/README.md)
+            return x * ops.sigmoid(x * (1.5957691216057308 + 0.0713548162726009 * (x * x)))
         return ops.silu(x)
 
 

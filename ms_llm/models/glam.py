@@ -22,7 +22,7 @@ from typing import Iterable, List, Optional, Tuple
 import numpy as np
 from mindspore import Tensor
 
-from ..moe.layer import MoELayer
+from ..moe.layer import MoELayer, check_causal_routing
 from .gpt import GPTLMHeadModel, gpt_param_count
 
 
@@ -32,6 +32,7 @@ def check_glam_config(cfg) -> None:
         raise ValueError("model.moe.num_experts: GLaM needs experts (>= 1)")
     if not any(cfg.moe.is_moe_layer(i) for i in range(cfg.num_layers)):
         raise ValueError(f"model.moe.moe_every/moe_offset: no layer of {cfg.num_layers} is an MoE layer")
+    check_causal_routing(cfg, "GLaM decoder")
 
 
 def glam_ffn(cfg, i: int):

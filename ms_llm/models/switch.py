@@ -22,7 +22,7 @@ from ..layers.attention import RelativePositionBias
 from ..layers.block import TransformerBlock
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
-from ..moe.layer import MoELayer
+from ..moe.layer import MoELayer, check_causal_routing
 from .transformer import Seq2SeqEmbedding, Stack, Transformer
 
 
@@ -35,6 +35,8 @@ def check_switch_config(cfg) -> None:
                          f"got '{cfg.position_embedding}'")
     if not cfg.pre_norm:
         raise ValueError("model.pre_norm: Switch (T5) blocks are pre-norm; set it to true")
+    if any(cfg.moe.is_moe_layer(i) for i in range(cfg.decoder_layers)):
+        check_causal_routing(cfg, "Switch decoder")
 
 
 class SwitchTransformer(Transformer):

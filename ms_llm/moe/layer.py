@@ -50,6 +50,19 @@ class MoELayer(nn.Cell):
         return y, r[AUX_LOSS]
 
 
+def check_causal_routing(cfg, where: str) -> None:
+    """Raise ValueError if MoE layers of a causal stack (``where``) would use expert-choice routing.
+
+    Expert choice lets each expert pick its top tokens over the whole routing group, so whether a token is
+    processed depends on the tokens after it: the language-model loss sees the future and step-by-step decoding
+    cannot reproduce training-time routing (Zhou et al. 2022, "Limitations"). Token-choice routers decide per token.
+    """
+    if cfg.moe.num_experts and cfg.moe.router == "expert_choice":
+        raise ValueError(f"model.moe.router='expert_choice' cannot route the causal {where}: an expert's choice "
+                         f"of tokens depends on later tokens of the sequence (Zhou et al. 2022); use 'topk' or "
+                         f"'noisy_topk'")
+
+
 STAT_PARAMS = ("load_stat", "dropped_stat", "loss_stat")
 
 

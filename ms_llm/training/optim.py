@@ -10,6 +10,7 @@ import math
 
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.ops import operations as P
 
 NO_DECAY_KEYS = ("bias", "norm", "layernorm", "ln_", "layer_norm")
 
@@ -18,6 +19,17 @@ def decays(param) -> bool:
     """Weight decay applies to matrices (linear weights, embeddings), never to norms or biases."""
     name = param.name.lower()
     return len(param.shape) >= 2 and not any(k in name for k in NO_DECAY_KEYS)
+
+
+_fused_adamw = ops.MultitypeFuncGraph("fused_adamw")
+
+
+@_fused_adamw.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                       "Tensor", "Tensor")
+def _fused_adamw_one(kernel, lr, beta1, beta2, eps, decay_scale, wd, param, m, v, grad):
+    """One parameter's in-place AdamW (the fused kernel); HyperMap applies it to every parameter without unrolling
+    a Python loop into the graph (which made compilation grow with depth and overflowed at 48 layers)."""
+    return kernel(param, m, v, lr, beta1, beta2, eps, wd * decay_scale, ops.cast(grad, ms.float32))
 
 
 class AdamW(nn.Cell):
@@ -31,21 +43,25 @@ class AdamW(nn.Cell):
         self.step = Parameter(Tensor(0.0, ms.float32), name="adam_step", requires_grad=False)
         self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         self.wd = tuple(float(weight_decay) if decays(p) else 0.0 for p in self.params)
+        self.fused = P.AdamWeightDecay()
+        self.beta1 = Tensor(self.b1, ms.float32)
+        self.beta2 = Tensor(self.b2, ms.float32)
+        self.wd_t = tuple(Tensor(w, ms.float32) for w in self.wd)
+        self.hyper_map = ops.HyperMap()
 
     def construct(self, grads, lr):
+        """Bias correction folded into the fused kernel's scalars: (m/c1) / (sqrt(v/c2) + eps) + wd p equals
+        (sqrt(c2)/c1) [m / (sqrt(v) + eps sqrt(c2)) + wd c1/sqrt(c2) p], so lr' = lr sqrt(c2)/c1,
+        eps' = eps sqrt(c2), decay' = wd c1/sqrt(c2) make AdamWeightDecay's one in-place pass exact AdamW."""
         t = self.step + 1.0
         ops.assign(self.step, t)
         c1 = 1.0 - ops.pow(self.b1, t)
-        c2 = 1.0 - ops.pow(self.b2, t)
-        for i in range(len(self.params)):
-            p, g = self.params[i], ops.cast(grads[i], ms.float32)
-            m = self.b1 * self.m[i] + (1.0 - self.b1) * g
-            v = self.b2 * self.v[i] + (1.0 - self.b2) * g * g
-            ops.assign(self.m[i], m)
-            ops.assign(self.v[i], v)
-            update = (m / c1) / (ops.sqrt(v / c2) + self.eps) + self.wd[i] * p
-            ops.assign(p, p - lr * update)
-        return t
+        sc2 = ops.sqrt(1.0 - ops.pow(self.b2, t))
+        lr_t = ops.cast(lr, ms.float32) * sc2 / c1
+        eps_t = self.eps * sc2
+        done = self.hyper_map(ops.partial(_fused_adamw, self.fused, lr_t, self.beta1, self.beta2, eps_t, c1 / sc2),
+                              self.wd_t, self.params, self.m, self.v, grads)
+        return ops.depend(t, done)
 
 
 def lr_at(step: int, cfg, hidden_size: int) -> float:

@@ -7,6 +7,7 @@ from mindspore import nn, ops
 from ..data.seq2seq import BOS, EOS, PAD, Seq2SeqData
 from ..models.seq2seq_decode import Seq2SeqDecoder
 from .losses import cross_entropy
+from ..moe.layer import moe_log_metrics
 from .task import Task
 
 
@@ -68,4 +69,4 @@ def build_seq2seq_task(cfg) -> Task:
     tokens = t.batch_size * data.width
     return Task(model=model, loss_net=loss_net, batches=lambda s: data.batches(s, t.batch_size), evaluate=evaluate,
                 tokens_per_batch=tokens, flops_per_token=seq2seq_flops_per_token(m, data.width, data.width),
-                sample=sample)
+                sample=sample, log_metrics=moe_log_metrics if m.moe.num_experts > 0 else None)

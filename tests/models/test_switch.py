@@ -108,6 +108,11 @@ def test_clear_errors():
     cfg = ModelConfig(arch="switch", position_embedding="rotary", moe=MoEConfig(num_experts=2))
     with pytest.raises(ValueError, match="position_embedding"):
         SwitchTransformer(cfg)
+    # expert choice would let decoder tokens' routing depend on later tokens (Zhou et al. 2022)
+    ec = ModelConfig(arch="switch", position_embedding="relative", num_layers=2, num_decoder_layers=2,
+                     moe=MoEConfig(num_experts=2, router="expert_choice"))
+    with pytest.raises(ValueError, match="expert_choice.*Switch decoder"):
+        SwitchTransformer(ec)
     hf, weights = read_hf_dir(REF)
     with pytest.raises(ValueError, match="sparse_step"):
         hf_switch.hf_to_model_config(dict(hf, decoder_sparse_step=1))
@@ -119,26 +124,29 @@ def test_clear_errors():
 
 
 def test_tiny_switch_trains_on_reverse():
-    """The shipped tiny config, through the real task builder and train step: the loss falls and the MoE
-    statistics written during the compiled train step reach the trainer's metrics."""
+    """The shipped tiny config (cut to one MoE layer per stack to halve the compile time), through the real task
+    builder and train step: the loss falls and the MoE statistics written during the compiled train step reach
+    the trainer's metrics."""
     from ms_llm.training.seq2seq_task import build_seq2seq_task
     from ms_llm.training.step import TrainStep
     cfg = load_config(os.path.join(ROOT, "configs", "switch", "tiny.yaml"),
-                      ["train.batch_size=16", "data.num_train=2000", "data.num_eval=10"])
+                      ["train.batch_size=16", "data.num_train=2000", "data.num_eval=10", "model.num_layers=1",
+                       "model.num_decoder_layers=1", "model.moe.moe_every=1", "model.moe.moe_offset=0"])
     ms.set_seed(0)
     task = build_seq2seq_task(cfg)
     assert isinstance(task.model, SwitchTransformer)
     task.model.set_train(True)
     step = TrainStep(task.loss_net, task.model.trainable_params(), cfg.train, dynamic_scale=False)
     batches = task.batches(0)
-    losses = [step.step([next(batches)], 3e-3)[0] for _ in range(40)]
+    losses = [step.step([next(batches)], 1e-2)[0] for _ in range(30)]
     # from ln(24) = 3.18 (uniform) towards the token-frequency entropy; reversal itself takes a few hundred steps
     # (configs/switch/tiny.yaml reaches exact match 0.64 after 300 steps with batch 64)
-    assert np.mean(losses[-5:]) < losses[0] - 0.12, f"loss did not fall: {losses[0]:.3f} -> {losses[-5:]}"
+    assert np.mean(losses[-5:]) < losses[0] - 0.1, f"loss did not fall: {losses[0]:.3f} -> {losses[-5:]}"
     stats = moe_stats(task.model)
-    loads = [stats[f"moe/encoder.blocks.1.ffn/load_e{i}"] for i in range(4)]
+    loads = [stats[f"moe/encoder.blocks.0.ffn/load_e{i}"] for i in range(4)]
     assert sum(loads) == pytest.approx(1.0, abs=1e-5) and 0.0 <= stats["moe/dropped"] < 1.0
     assert stats["moe/overload"] >= 1.0
+    assert task.log_metrics(task.model, None) == stats                   # what the trainer writes to metrics.jsonl
 
 
 class Bias(ms.nn.Cell):

@@ -136,7 +136,7 @@ def switch_reference(x, w, k, capacity, normalize, coefs):
         dropped
 
 
-@pytest.mark.parametrize("k,normalize", [(1, True), (2, True), (2, False)])
+@pytest.mark.parametrize("k,normalize", [(1, True), (2, True)])   # k=2 unnormalised = route_topk's gates
 def test_topk_router_matches_numpy(rng, k, normalize):
     coefs = [0.01, 0.001, 0.1, 0.2]
     cfg = make_cfg(top_k=k, normalize_top_k=normalize, capacity_factor_eval=1.0, load_balance_coef=coefs[0],
