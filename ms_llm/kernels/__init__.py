@@ -1,5 +1,9 @@
-"""Fused kernels and their reference implementations (same signature); see :mod:`ms_llm.kernels.attention`."""
+"""Fused kernels and their reference implementations (same signature); see :mod:`ms_llm.kernels.attention` and
+:mod:`ms_llm.kernels.moe_routing`."""
 
 from .attention import ATTENTION_IMPLS, FusedAttention, ReferenceAttention, make_attention
+from .moe_routing import (MOE_ROUTING_FIELDS, MOE_ROUTING_IMPLS, FusedMoERouting, ReferenceMoERouting,
+                          make_moe_routing)
 
-__all__ = ["ATTENTION_IMPLS", "FusedAttention", "ReferenceAttention", "make_attention"]
+__all__ = ["ATTENTION_IMPLS", "FusedAttention", "ReferenceAttention", "make_attention", "MOE_ROUTING_FIELDS",
+           "MOE_ROUTING_IMPLS", "FusedMoERouting", "ReferenceMoERouting", "make_moe_routing"]

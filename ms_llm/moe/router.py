@@ -168,14 +168,18 @@ class Router(NamedOutputs, nn.Cell):
         return ops.sum(losses * self.coefs), losses
 
     def token_choice_outputs(self, probs, logits, gates, expert_index, position, kept, combine, load, capacity,
-                             requested):
+                             requested, slots=None):
         """Everything a token-choice router returns.
 
         gates (G, T, E): the dense gate values G(x) (importance loss); load: the unweighted load loss;
-        requested (G, T, k) 1/0: which choices asked for a slot (all of them unless GShard sampling dropped one).
+        requested (G, T, k) 1/0: which choices asked for a slot (all of them unless GShard sampling dropped one);
+        slots: (slot_token, slot_weight) when already computed (fused routing), else built from the choices.
         """
-        slot_token, slot_weight = choices_to_slots(expert_index, position, kept, combine, self.num_experts,
-                                                   capacity)                     # (G, E, C) x 2
+        if slots is None:
+            slot_token, slot_weight = choices_to_slots(expert_index, position, kept, combine, self.num_experts,
+                                                       capacity)                 # (G, E, C) x 2
+        else:
+            slot_token, slot_weight = slots
         aux, losses = self.weighted(switch_load_balance(probs, expert_index[:, :, 0]), router_z_loss(logits),
                                     importance_loss(gates), load)
         requests = ops.one_hot(expert_index, self.num_experts, 1.0, 0.0) * ops.expand_dims(requested, -1)
@@ -193,6 +197,11 @@ class TopKRouter(Router):
     ``moe.jitter_eps``); each token takes its top-k experts; with k > 1 and ``moe.normalize_top_k`` the k gates are
     divided by their sum (before capacity drops, as GShard). ``second_expert_policy='sampling'`` (GShard, training
     only) keeps the second choice with probability min(1, 2 * g2), g2 its normalised gate.
+
+    ``moe.router_impl='fused'`` computes top-k, capacity positions and slots with
+    :class:`ms_llm.kernels.moe_routing.FusedMoERouting` (one C++ pass on CPU, built-in MoE ops on Ascend) instead of
+    the composite ops; outputs and gradients are identical. The sampling policy keeps the composite while training
+    (its random second-choice mask is not part of the fused op).
     """
 
     def __init__(self, cfg):
@@ -204,6 +213,17 @@ class TopKRouter(Router):
         self.normalize = m.normalize_top_k and m.top_k > 1
         self.sampling = m.second_expert_policy == "sampling"
         self.uniform = ops.UniformReal()
+        self.fused = m.router_impl == "fused"
+        if self.fused:
+            from ..kernels.moe_routing import FusedMoERouting   # not at the top: that module imports this one
+            self.routing = FusedMoERouting(m.num_experts, m.top_k, self.normalize)
+
+    def gate_stats(self, expert_index, chosen, requested):
+        """Dense gates G(x) (G, T, E) for the importance loss and the unweighted load loss from the choices."""
+        onehot = ops.one_hot(expert_index, self.num_experts, 1.0, 0.0)            # (G, T, k, E)
+        gates_dense = ops.sum(onehot * ops.expand_dims(chosen * requested, -1), 2)    # (G, T, E)
+        load = load_loss(ops.sum(onehot * ops.expand_dims(requested, -1), 2))      # counts, no gradient
+        return gates_dense, load
 
     def construct(self, x):
         """x (G, T, H) -> ROUTER_FIELDS tuple."""
@@ -213,6 +233,12 @@ class TopKRouter(Router):
         logits = self.gate(x)                                                      # (G, T, E)
         probs = ops.softmax(logits, -1)                                            # (G, T, E)
         capacity = self.capacity(x.shape[1])
+        if self.fused and not (self.sampling and self.training):
+            expert_index, chosen, position, kept, slot_token, slot_weight = self.routing(probs, capacity)
+            requested = ops.ones_like(kept)                                        # (G, T, k)
+            gates_dense, load = self.gate_stats(expert_index, chosen, requested)
+            return self.token_choice_outputs(probs, logits, gates_dense, expert_index, position, kept,
+                                             chosen * kept, load, capacity, requested, (slot_token, slot_weight))
         if self.sampling and self.training:
             gates, expert_index = ops.topk(probs, 2)                               # (G, T, 2)
             second = gates[:, :, 1:] / ops.sum(gates, -1, keepdim=True)            # (G, T, 1)
@@ -228,9 +254,7 @@ class TopKRouter(Router):
             denom = ops.sum(chosen, -1, keepdim=True)                              # (G, T, 1)
             combine = combine / denom
             chosen = chosen / denom
-        onehot = ops.one_hot(expert_index, self.num_experts, 1.0, 0.0)            # (G, T, k, E)
-        gates_dense = ops.sum(onehot * ops.expand_dims(chosen * requested, -1), 2)    # (G, T, E)
-        load = load_loss(ops.sum(onehot * ops.expand_dims(requested, -1), 2))      # counts, no gradient
+        gates_dense, load = self.gate_stats(expert_index, chosen, requested)
         return self.token_choice_outputs(probs, logits, gates_dense, expert_index, position, kept, combine, load,
                                          capacity, requested)
 
