@@ -3,7 +3,8 @@
 For each (experts E, top-k) the MoE layer (router + dispatch + E experts of width F + combine) runs on the same
 tokens as a dense FFN of width k * F: with capacity factor 1.0 the experts hold exactly tokens * k slots, so both
 do the same matmul FLOPs (2 * 2 * H * F * k per token) and the time ratio measures the routing overhead. A second
-MoE column uses GShard/Mesh-TensorFlow's one-hot einsum dispatch/combine (O(G*T*E*C*H) instead of O(G*E*C*H)).
+MoE column uses GShard/Mesh-TensorFlow's one-hot einsum dispatch/combine (O(G*T*E*C*H) instead of O(G*E*C*H)), a
+third the fused routing kernel (``moe.router_impl='fused'``, :mod:`ms_llm.kernels.moe_routing`) with index dispatch.
 Times are medians over repeats of forward + backward (gradients of the input and of every weight, as inside a
 network), GRAPH_MODE, float32, CPU. The three variants run back to back in every repeat and the reported ratio is
 the median of the per-repeat ratios, so slow drifts of the machine's load (it is shared) cancel out.
@@ -13,6 +14,7 @@ the median of the per-repeat ratios, so slow drifts of the machine's load (it is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -93,14 +95,19 @@ def bench_case(experts: int, k: int, args, batch: int) -> dict:
     einsum_layer = MoELayer(cfg)
     einsum_layer.dispatcher = EinsumDispatcher()
     einsum = Objective(einsum_layer, moe=True)
-    for net in (dense, moe, einsum):
+    fused = Objective(MoELayer(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router_impl="fused"))),
+                      moe=True)
+    for net in (dense, moe, einsum, fused):
         net.set_train(True)
-    # same routing, same outputs: the two dispatchers are interchangeable
-    for src, dst in zip(moe.trainable_params(), einsum.trainable_params()):
-        dst.set_data(src.data)
-    y1, y2 = moe.layer(x)[0].asnumpy(), einsum.layer(x)[0].asnumpy()
+    # same routing, same outputs: the dispatchers and the routing implementations are interchangeable
+    for other in (einsum, fused):
+        for src, dst in zip(moe.trainable_params(), other.trainable_params()):
+            dst.set_data(src.data)
+    y1, y2, y3 = (net.layer(x)[0].asnumpy() for net in (moe, einsum, fused))
     assert np.allclose(y1, y2, rtol=1e-4, atol=1e-5), "einsum and index dispatch disagree"
-    fns = {name: grad_fn(net) for name, net in (("dense", dense), ("moe", moe), ("einsum", einsum))}
+    assert np.allclose(y1, y3, rtol=1e-4, atol=1e-5), "fused and composite routing disagree"
+    fns = {name: grad_fn(net) for name, net in (("dense", dense), ("moe", moe), ("einsum", einsum),
+                                                ("fused", fused))}
     for fn in fns.values():                                                   # compile and warm up
         run_once(fn, x)
         run_once(fn, x)
@@ -114,7 +121,8 @@ def bench_case(experts: int, k: int, args, batch: int) -> dict:
     return {"experts": experts, "top_k": k, "tokens": tokens, "hidden": h, "expert_ffn": f, "dense_ffn": k * f,
             "capacity_per_sequence": -(-args.seq * k // experts), "tokens_per_expert": tokens * k // experts,
             "dense_ms": 1e3 * t["dense"], "moe_ms": 1e3 * t["moe"], "moe_einsum_ms": 1e3 * t["einsum"],
-            "ratio": ratio("moe"), "ratio_einsum": ratio("einsum"), "repeats": args.repeats}
+            "moe_fused_ms": 1e3 * t["fused"], "ratio": ratio("moe"), "ratio_einsum": ratio("einsum"),
+            "ratio_fused": ratio("fused"), "repeats": args.repeats}
 
 
 def main() -> None:
@@ -124,12 +132,14 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="MindSpore CPU kernel threads")
     p.add_argument("--quick", action="store_true", help="small shapes, one round (smoke run)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "moe.json"))
     args = p.parse_args()
     if args.quick:
         args.batch, args.seq, args.hidden, args.ffn, args.repeats = 2, 64, 64, 128, 3
     ms.set_device("CPU")
+    ms.device_context.cpu.op_tuning.threads_num(args.threads)       # MindSpore's default is 25
     ms.set_context(mode=ms.GRAPH_MODE)
     # the four (experts, top-k) cases, then 64 experts / top-1 again with 4x the tokens: the ratio depends on how
     # many tokens share each expert's weights (the weight-gradient GEMMs of 64 experts are small and memory-bound)
@@ -141,12 +151,12 @@ def main() -> None:
           f"paired repeats")
     print()
     print("| experts | top-k | tokens | tokens/expert | dense FFN width | dense ms | MoE ms | MoE / dense | MoE, "
-          "one-hot einsum dispatch, ms | einsum / dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "one-hot einsum dispatch, ms | einsum / dense | MoE, fused routing, ms | fused / dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['experts']} | {r['top_k']} | {r['tokens']} | {r['tokens_per_expert']} | {r['dense_ffn']} | "
               f"{r['dense_ms']:.0f} | {r['moe_ms']:.0f} | {r['ratio']:.2f}x | {r['moe_einsum_ms']:.0f} | "
-              f"{r['ratio_einsum']:.2f}x |")
+              f"{r['ratio_einsum']:.2f}x | {r['moe_fused_ms']:.0f} | {r['ratio_fused']:.2f}x |")
     result = {"benchmark": "moe_vs_dense_ffn", "mode": "forward+backward", "dtype": "float32",
               "mindspore": ms.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "load_average_1min": os.getloadavg()[0], "quick": args.quick, "rows": rows}

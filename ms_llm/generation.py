@@ -1,20 +1,26 @@
 """Text generation for decoder-only models with a static-shape KV cache (Hugging Face ``generate`` conventions).
 
 Per layer the cache holds keys and values ``(B, nkv, L, hd)``; ``L`` is ``P + max_new_tokens`` rounded up to a
-multiple of ``cache_multiple``, so that nearby lengths share graphs. Two compiled graphs do the work:
+multiple of ``cache_multiple``, so that nearby lengths share graphs. The caches are non-trainable ``Parameter``s of a
+:class:`KVCache` owned by the generation cells of one (batch, cache length) -- built on first use and kept in a small
+per-model dict (:func:`_steps`), not registered in the model, so its parameters and checkpoints never include them.
+They are written in place (as MindFormers' ``DecoderKVCache`` does), and two compiled graphs do the work:
 
-* **decode step**: one token per sequence ``(B, 1)`` against the caches. Every step has the same input shapes, so
-  it compiles once in GRAPH_MODE (per batch size and cache length) and is reused by later calls;
-* **prefill** (``prefill='forward'``): one full forward over the (left-padded) prompt ``(B, P)`` returning the last
-  position's logits and every layer's keys/values, zero-padded to ``L`` (one graph per prompt length). With
-  ``prefill='step'`` the prompt instead goes token by token through the decode graph, so a single graph serves the
-  whole generation; ``'auto'`` (default) steps through prompts of up to ``STEP_PREFILL_MAX`` tokens, where that is
-  cheaper than compiling a second graph on CPU.
+* **decode step**: one token per sequence ``(B, 1)``: its keys/values go into cache slot ``t`` by one
+  ``ScatterNdUpdate`` per cache, then it attends over the cache. Nothing but the logits (B, V) and their argmax
+  (B,) leaves the graph. Every step has the same input shapes, so it compiles once in GRAPH_MODE per (batch size,
+  cache length) and is reused by later calls;
+* **prefill** (``prefill='forward'``): one full forward over the (left-padded) prompt ``(B, P)`` that assigns every
+  layer's keys/values to slots ``0..P-1`` of the caches (zeros after) and returns the last position's logits (one
+  graph per prompt length). With ``prefill='step'`` the prompt instead goes token by token through the decode graph,
+  so a single graph serves the whole generation; ``'auto'`` (default) steps through prompts of up to
+  ``STEP_PREFILL_MAX`` tokens.
 
-The new token's keys/values are written into slot ``t`` of the cache (a one-hot ``where``), and its attention
-visibility is an explicit key mask over slots: slot ``j`` is visible iff it holds a real (non-padding) token and
-``j <= t`` (dense layers), and additionally ``j > t - band_width`` in GPT-3's banded layers. With left padding the
-real tokens of a row occupy consecutive slots, so these are exactly the causal and band rules of the full forward.
+The new token's attention visibility is an explicit key mask over slots (built with numpy on the host): slot ``j`` is
+visible iff it holds a real (non-padding) token and ``j <= t`` (dense layers), and additionally ``j > t - band_width``
+in GPT-3's banded layers. With left padding the real tokens of a row occupy consecutive slots, so these are exactly
+the causal and band rules of the full forward. Slots beyond ``t`` may hold stale keys/values of an earlier call: they
+are masked out. Greedy decoding without processors or per-step outputs reads only the in-graph argmax.
 
 Conventions followed (Hugging Face transformers 5.x ``GenerationMixin``):
 
@@ -45,45 +51,94 @@ from mindspore import Tensor, nn, ops
 from .models.outputs import ModelOutput
 
 _FROM_CONFIG = object()   # default of eos_token_id: the model config's eos id
-STEP_PREFILL_MAX = 64     # prefill='auto': prompts up to this length go token by token through the decode graph
+# prefill='auto': prompts up to this length go token by token through the decode graph. Measured (GPT 2 x 768,
+# vocab 50257, fp32, 2 threads, bench/results/gen_kvcache.md): a 32-token prompt costs 0.65 s (B=1) / 1.1 s (B=8)
+# stepped, 0.03 s / 0.1 s through the prefill graph, whose compilation costs ~1.8 s once per prompt length; 16 steps
+# (~0.3 s) stay below that one-off cost, longer prompts are cheaper through the prefill graph from the second call on.
+STEP_PREFILL_MAX = 16
+
+
+MAX_CACHED_SHAPES = 4     # (batch, cache length) decoders kept per model (each holds its KV caches)
+
+
+class KVCache:
+    """Per-layer key and value caches ``(B, nkv, L, hd)`` as non-trainable Parameters (zeros at first).
+
+    Shared by the prefill and decode cells of one (batch, cache length), never owned by the model: the caches are
+    not among the model's ``parameters_and_names()`` / ``trainable_params()`` and never reach its checkpoints.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, cache_len: int, head_dim: int, dtype=ms.float32):
+        shape = (batch, kv_heads, cache_len, head_dim)
+        zeros = np.zeros(shape, ms.dtype_to_nptype(dtype))
+        tag = f"kv_cache_{batch}x{cache_len}"
+        self.keys = ms.ParameterTuple(
+            ms.Parameter(Tensor(zeros), name=f"{tag}.key.{i}", requires_grad=False) for i in range(num_layers))
+        self.values = ms.ParameterTuple(
+            ms.Parameter(Tensor(zeros), name=f"{tag}.value.{i}", requires_grad=False) for i in range(num_layers))
+        self.shape = shape
 
 
 class _Prefill(nn.Cell):
-    """Prompt forward: (last logits (B, V), keys, values) with caches padded to the cache length."""
+    """Prompt forward (B, P): writes every layer's keys/values into cache slots 0..P-1 (the rest zeroed) and
+    returns the last position's logits (B, V). One graph per prompt length."""
 
-    def __init__(self, model):
+    def __init__(self, model, cache: KVCache):
         super().__init__(auto_prefix=False)
         self.model = model
+        self.k_caches = cache.keys
+        self.v_caches = cache.values
+        self.num_layers = len(cache.keys)
 
-    def construct(self, input_ids, attention_mask, position_ids, cache_pad):
+    def construct(self, input_ids, attention_mask, position_ids):
         logits, ks, vs = self.model.construct_prefill(input_ids, attention_mask, position_ids)
-        kc = ()
-        vc = ()
-        for k in ks:
-            kc = kc + (ops.concat((k, cache_pad), 2),)                      # (B, nkv, L, hd)
-        for v in vs:
-            vc = vc + (ops.concat((v, cache_pad), 2),)                      # (B, nkv, L, hd)
-        return logits, kc, vc
+        for i in range(self.num_layers):
+            k = ks[i]
+            b, nkv, p, hd = k.shape
+            pad = ops.zeros((b, nkv, self.k_caches[i].shape[2] - p, hd), self.k_caches[i].dtype)   # (B, nkv, L-P, hd)
+            logits = ops.depend(logits, ops.assign(
+                self.k_caches[i], ops.concat((ops.cast(k, pad.dtype), pad), 2)))                  # (B, nkv, L, hd)
+            logits = ops.depend(logits, ops.assign(
+                self.v_caches[i], ops.concat((ops.cast(vs[i], pad.dtype), pad), 2)))              # (B, nkv, L, hd)
+        return logits
 
 
 class _DecodeStep(nn.Cell):
-    """One token per sequence against static caches: (logits (B, V), keys, values)."""
+    """One token per sequence (B, 1) against the caches, written in place: (logits (B, V), greedy ids (B,))."""
 
-    def __init__(self, model):
+    def __init__(self, model, cache: KVCache):
         super().__init__(auto_prefix=False)
         self.model = model
+        self.k_caches = cache.keys
+        self.v_caches = cache.values
+        self.argmax = ops.Argmax(axis=-1, output_type=ms.int32)
 
-    def construct(self, input_ids, position_ids, dense_mask, band_mask, slot_mask, k_caches, v_caches):
-        return self.model.construct_decode(input_ids, position_ids, dense_mask, band_mask, slot_mask, k_caches,
-                                           v_caches)
+    def construct(self, input_ids, position_ids, dense_mask, band_mask, cache_index):
+        logits = self.model.construct_decode(input_ids, position_ids, dense_mask, band_mask, cache_index,
+                                             self.k_caches, self.v_caches)   # (B, V)
+        return logits, self.argmax(logits)                                   # (B, V), (B,)
 
 
-def _steps(model):
-    """The (prefill, decode) cells of ``model``, built once and kept outside the Cell tree (not sub-cells)."""
-    steps = model.__dict__.get("_ms_llm_generation_steps")
+def _steps(model, batch: int, cache_len: int):
+    """The (prefill, decode) cells of ``model`` for one (batch, cache length), sharing one :class:`KVCache`.
+
+    Built on first use and kept, outside the Cell tree (not sub-cells, so the caches are not model parameters), in
+    a small per-model dict, least recently used first out beyond ``MAX_CACHED_SHAPES`` entries. Each decode cell
+    compiles once; later ``generate`` calls with the same (batch, cache length) reuse its graph.
+    """
+    table = model.__dict__.get("_ms_llm_generation_steps")
+    if table is None:
+        table = {}
+        object.__setattr__(model, "_ms_llm_generation_steps", table)
+    key = (int(batch), int(cache_len))
+    steps = table.pop(key, None)
     if steps is None:
-        steps = (_Prefill(model), _DecodeStep(model))
-        object.__setattr__(model, "_ms_llm_generation_steps", steps)
+        cfg = model.cfg
+        cache = KVCache(cfg.num_layers, batch, cfg.kv_heads, cache_len, cfg.dim_per_head)
+        steps = (_Prefill(model, cache), _DecodeStep(model, cache))
+        while len(table) >= MAX_CACHED_SHAPES:
+            table.pop(next(iter(table)))
+    table[key] = steps                                                       # most recently used last
     return steps
 
 
@@ -229,43 +284,48 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
 
     was_training = model.training
     model.set_train(False)
-    prefill_cell, step_cell = _steps(model)
+    prefill_cell, step_cell = _steps(model, b, cache_len)
     slots = np.arange(cache_len)
     band = cfg.band_width if cfg.attention_pattern == "alternating_banded" else 0
     valid = np.zeros((b, cache_len), np.float32)                              # slots holding real tokens
+    cache_index = np.zeros((b * nkv, 3), np.int32)                            # rows (b, kv head, slot)
+    cache_index[:, 0] = np.repeat(np.arange(b), nkv)
+    cache_index[:, 1] = np.tile(np.arange(nkv), b)
 
-    def step(tokens, pos, slot, ks, vs):
-        """Write ``tokens`` (B,) at cache slot ``slot`` and return their logits and the caches."""
+    def step(tokens, pos, slot):
+        """Write ``tokens`` (B,) at cache slot ``slot``: (logits (B, V), greedy ids (B,)) as Tensors."""
         dense = valid * (slots <= slot)                                       # (B, L)
         banded = dense * (slots > slot - band) if band else dense             # (B, L)
-        slot_mask = (slots == slot).reshape(1, 1, cache_len, 1)               # (1, 1, L, 1)
+        cache_index[:, 2] = slot
         return step_cell(Tensor(tokens[:, None].astype(np.int32)), Tensor(pos.astype(np.int32)),
-                         Tensor(dense), Tensor(banded.astype(np.float32)), Tensor(slot_mask),
-                         ms.mutable(ks), ms.mutable(vs))   # mutable: the caches are graph inputs, not constants
+                         Tensor(dense), Tensor(banded.astype(np.float32)), Tensor(cache_index))
 
+    # greedy without processors or per-step outputs needs only the in-graph argmax, not the (B, V) logits
+    ids_only = not do_sample and not output_scores and not output_logits and min_new_tokens == 0
     try:
         if streamer is not None:
             streamer.put(ids)
         if prefill == "forward":
-            logits, ks, vs = prefill_cell(Tensor(ids.astype(np.int32)), Tensor(mask.astype(np.float32)),
-                                          Tensor(positions.astype(np.int32)),
-                                          Tensor(np.zeros((b, nkv, cache_len - p, hd), np.float32)))
+            logits = prefill_cell(Tensor(ids.astype(np.int32)), Tensor(mask.astype(np.float32)),
+                                  Tensor(positions.astype(np.int32)))
+            greedy = None
             valid[:, :p] = mask
         else:   # the prompt token by token through the decode graph: one compiled graph serves everything
-            zeros = Tensor(np.zeros((b, nkv, cache_len, hd), np.float32))
-            ks = vs = tuple(zeros for _ in range(cfg.num_layers))
             for j in range(p):
                 valid[:, j] = mask[:, j]
-                logits, ks, vs = step(ids[:, j], positions[:, j:j + 1], j, ks, vs)
+                logits, greedy = step(ids[:, j], positions[:, j:j + 1], j)
         unfinished = np.ones(b, bool)
         out_ids = [ids]
         all_scores, all_logits = [], []
         pos = positions[:, -1:].copy()                                        # (B, 1)
         for t in range(max_new_tokens):
-            raw = logits.asnumpy().astype(np.float32)                         # (B, V)
-            scores = process_scores(raw, stop if t < min_new_tokens else None, do_sample, temperature, top_k,
-                                    top_p)
-            nxt = sample_tokens(scores, rng) if do_sample else scores.argmax(-1)
+            if ids_only and greedy is not None:
+                nxt = greedy.asnumpy().astype(np.int64)                       # (B,) argmax of the raw logits
+            else:
+                raw = logits.asnumpy().astype(np.float32)                     # (B, V)
+                scores = process_scores(raw, stop if t < min_new_tokens else None, do_sample, temperature, top_k,
+                                        top_p)
+                nxt = sample_tokens(scores, rng) if do_sample else scores.argmax(-1)
             if output_scores:
                 all_scores.append(scores.astype(np.float32))
             if output_logits:
@@ -281,7 +341,7 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
             slot = p + t                                                      # cache slot of the new token
             valid[:, slot] = 1.0
             pos = pos + 1
-            logits, ks, vs = step(nxt, pos, slot, ks, vs)
+            logits, greedy = step(nxt, pos, slot)
     finally:
         model.set_train(was_training)
         if streamer is not None:

@@ -1,5 +1,6 @@
 """Generation with a static KV cache: incremental logits equal full-forward logits (gpt3, GPT-3 banded, GQA + RoPE),
-left padding, stop tokens, Hugging Face's sampling processors, one compiled decode graph, argument errors."""
+left padding, stop tokens, Hugging Face's sampling processors, one compiled decode graph per (batch, cache length),
+caches outside the model's parameters and checkpoints, argument errors."""
 import dataclasses
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 from mindspore import Tensor
 
 from ms_llm.config import ModelConfig
-from ms_llm.generation import ProgressStreamer, _steps, process_scores, sample_tokens, top_k_filter, top_p_filter
+from ms_llm import generation
+from ms_llm.generation import ProgressStreamer, process_scores, sample_tokens, top_k_filter, top_p_filter
 from ms_llm.models.gpt import GPTLMHeadModel
 
 BASE = ModelConfig(arch="gpt", vocab_size=53, hidden_size=16, num_layers=2, num_heads=2, ffn_hidden_size=32,
@@ -71,9 +73,49 @@ def test_incremental_logits_equal_full_forward(name, gpt3):
         # logits of new token t come from position P - 1 + t of the full sequence (fp32, ~2e-6 observed)
         np.testing.assert_allclose(step_logits, full[:, P - 1 + t], atol=2e-5, rtol=0)
         assert np.array_equal(seq[:, P + t], step_logits.argmax(-1))          # greedy
-    prefill, step = _steps(model)
+    prefill, step = model._ms_llm_generation_steps[(2, 64)]                   # (batch, cache length 64)
     assert len(step.compile_cache) == 1                                       # the decode step compiled once
     assert len(prefill.compile_cache) == (1 if name == "llama" else 0)
+
+
+def test_caches_compile_once_per_shape_and_stay_out_of_parameters_and_checkpoints(tmp_path, monkeypatch):
+    import mindspore as ms
+    model = _model("gpt3", seed=1)
+    names = [n for n, _ in model.parameters_and_names()]
+    trainable = [p.name for p in model.trainable_params()]
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=NEW, eos_token_id=None)
+    first = model.generate(ids, attention_mask=mask, **kw)
+    model.generate(ids[:, ::-1].copy(), **kw)                                 # other prompts, same (B, L) = (2, 64)
+    again = model.generate(ids, attention_mask=mask, **kw)
+    assert np.array_equal(again, first)                                       # nothing stale leaks between calls
+    single = model.generate(ids[:1], attention_mask=mask[:1], cache_multiple=32, **kw)
+    assert np.array_equal(single, first[:1])                                  # (B, L) = (1, 32): its own caches
+    table = model._ms_llm_generation_steps
+    assert sorted(table) == [(1, 32), (2, 64)]
+    for (b, length), (prefill, step) in table.items():
+        assert len(step.compile_cache) == 1 and len(prefill.compile_cache) == 0
+        caches = list(step.k_caches) + list(step.v_caches)
+        assert len(caches) == 2 * model.cfg.num_layers and not any(c.requires_grad for c in caches)
+        assert all(c.shape == (b, model.cfg.kv_heads, length, model.cfg.dim_per_head) for c in caches)
+        assert all(c is d for c, d in zip(caches, list(prefill.k_caches) + list(prefill.v_caches)))
+        assert np.abs(caches[0].asnumpy()[:, :, P + NEW - 2]).max() > 0       # the last fed token was written in place
+    assert [n for n, _ in model.parameters_and_names()] == names
+    assert [p.name for p in model.trainable_params()] == trainable
+    assert not any("cache" in n for n in names)
+    ms.save_checkpoint(model, str(tmp_path / "m.ckpt"))
+    assert sorted(ms.load_checkpoint(str(tmp_path / "m.ckpt"))) == sorted(names)
+    # the prompt through the prefill graph writes the same caches as stepping it through the decode graph
+    stepped = [c.asnumpy()[:, :, :P] for c in table[(2, 64)][1].k_caches]
+    model.generate(ids, attention_mask=mask, prefill="forward", **kw)
+    written = [c.asnumpy()[:, :, :P] for c in table[(2, 64)][1].k_caches]
+    for a, b in zip(stepped, written):
+        np.testing.assert_allclose(a * mask[:, None, :, None], b * mask[:, None, :, None], atol=1e-5, rtol=0)
+    assert len(table[(2, 64)][0].compile_cache) == 1 and len(table[(2, 64)][1].compile_cache) == 1
+    # at most MAX_CACHED_SHAPES (batch, cache length) entries are kept, the least recently used dropped first
+    monkeypatch.setattr(generation, "MAX_CACHED_SHAPES", 2)
+    model.generate(ids[:1], max_new_tokens=NEW, eos_token_id=None)            # (1, 64)
+    assert list(table) == [(2, 64), (1, 64)]                                  # (1, 32) was the oldest
 
 
 def test_left_padded_prompt_equals_unpadded(gpt3):
