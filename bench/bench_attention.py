@@ -8,8 +8,14 @@ other jobs share the machine). Memory is the peak RSS growth of the subprocess f
 growth from 1024 to 2048 tokens shows how the working memory scales (quadratic for the reference's Sq x Sk
 tensors, linear for the fused kernels).
 
+With ``--bias`` every case adds a float32 score bias ``(1, nh, S, S)`` shared by the batch (the T5 / Switch
+relative position bias), cores built with ``has_bias=True``; fwd+bwd then also returns d bias. The bias and d bias
+are ``nh S^2`` floats each (128 MiB at S = 2048, nh = 8): the bias is an input allocated before the memory probe
+starts, d bias an output inside it, so the fused kernel's RSS growth is d bias plus its O(S) buffers.
+
     python bench/bench_attention.py                 # prints a markdown table, writes bench/results/attention.json
     python bench/bench_attention.py --seqs 512 1024 --repeats 3
+    python bench/bench_attention.py --bias          # writes bench/results/attention_bias.json
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "attention.json"
+RESULTS_BIAS = ROOT / "bench" / "results" / "attention_bias.json"
 
 
 # ----------------------------------------------------------------------------- memory probes (Linux /proc)
@@ -76,7 +83,8 @@ class PeakRss:
 
 
 # ----------------------------------------------------------------------------- one case, in a subprocess
-def worker(impl: str, seq: int, causal: bool, mode: str, heads: int, head_dim: int, repeats: int) -> dict:
+def worker(impl: str, seq: int, causal: bool, mode: str, heads: int, head_dim: int, repeats: int,
+           bias: bool = False) -> dict:
     import numpy as np
     import mindspore as ms
     from mindspore import Tensor, nn, ops
@@ -97,19 +105,31 @@ def worker(impl: str, seq: int, causal: bool, mode: str, heads: int, head_dim: i
         def construct(self, q, k, v, key_mask, dout):
             return self.grad(self.net)(q, k, v, key_mask, dout)
 
+    class FwdBwdBias(nn.Cell):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.grad = ops.GradOperation(get_all=True, sens_param=True)
+
+        def construct(self, q, k, v, key_mask, bias, dout):
+            return self.grad(self.net)(q, k, v, key_mask, bias, dout)
+
     rng = np.random.default_rng(0)
     shape = (1, heads, seq, head_dim)
     q, k, v, dout = (Tensor(rng.standard_normal(shape).astype(np.float32)) for _ in range(4))
     key_mask = Tensor(np.ones((1, seq), np.float32))
-    net = make_attention(impl, head_dim, causal=causal)
+    net = make_attention(impl, head_dim, causal=causal, has_bias=bias)
+    args = (q, k, v, key_mask)
+    if bias:                                                        # (1, nh, S, S) shared by the batch, like T5's
+        args += (Tensor(rng.normal(0.0, 0.5, (1, heads, seq, seq)).astype(np.float32)),)
     if mode == "fwd":
         def call():
-            return net(q, k, v, key_mask).asnumpy()
+            return net(*args).asnumpy()
     else:
-        cell = FwdBwd(net)
+        cell = FwdBwdBias(net) if bias else FwdBwd(net)
 
         def call():
-            return [g.asnumpy() for g in cell(q, k, v, key_mask, dout)]
+            return [g.asnumpy() for g in cell(*args, dout)]
 
     mem = PeakRss()
     mem.start()
@@ -124,6 +144,7 @@ def worker(impl: str, seq: int, causal: bool, mode: str, heads: int, head_dim: i
         cpus.append(time.process_time() - c)
     return {
         "impl": impl, "seq": seq, "causal": causal, "mode": mode, "heads": heads, "head_dim": head_dim,
+        "bias": [1, heads, seq, seq] if bias else None,
         "wall_ms_median": 1e3 * statistics.median(walls), "cpu_ms_median": 1e3 * statistics.median(cpus),
         "wall_ms": [1e3 * x for x in walls], "cpu_ms": [1e3 * x for x in cpus], "first_call_s": first_s,
         "peak_rss_delta_mib": mem.delta_mib(), "memory_method": mem.method,
@@ -134,7 +155,7 @@ def worker(impl: str, seq: int, causal: bool, mode: str, heads: int, head_dim: i
 def run_case(args, impl, seq, causal, mode) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--seq", str(seq),
            "--mode", mode, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-           "--repeats", str(args.repeats), "--causal", "yes" if causal else "no"]
+           "--repeats", str(args.repeats), "--causal", "yes" if causal else "no"] + (["--bias"] if args.bias else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
@@ -193,7 +214,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--bias", action="store_true",
+                        help="add a float32 (1, nh, S, S) score bias (T5 relative position bias) to every case")
+    parser.add_argument("--out", default=None, help="results file (default bench/results/attention[_bias].json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("reference", "fused"), help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -201,7 +224,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.impl, args.seq, args.causal == "yes", args.mode, args.heads, args.head_dim,
-                                args.repeats)))
+                                args.repeats, args.bias)))
         return 0
 
     causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
@@ -213,19 +236,21 @@ def main(argv=None) -> int:
                 for impl in ("reference", "fused"):
                     res = run_case(args, impl, seq, causal, mode)
                     results.append(res)
-                    print(f"{impl:9s} seq={seq} causal={causal!s:5s} {mode:6s} wall {res['wall_ms_median']:8.1f} ms"
+                    print(f"{impl:9s} seq={seq} causal={causal!s:5s} {mode:6s} bias={args.bias!s:5s} wall {res['wall_ms_median']:8.1f} ms"
                           f"  cpu {res['cpu_ms_median']:8.1f} ms  peak RSS +{res['peak_rss_delta_mib']:.0f} MiB",
                           flush=True)
     info["load_average_end"] = os.getloadavg()
     md = table(results)
     print()
-    print(f"fp32, B=1, nh={args.heads}, hd={args.head_dim}; median of {args.repeats} after one warm-up; "
+    bias_note = f", bias (1, {args.heads}, S, S) fp32" if args.bias else ""
+    print(f"fp32, B=1, nh={args.heads}, hd={args.head_dim}{bias_note}; median of {args.repeats} after one warm-up; "
           f"{info['cpu']}, {info['cores']} cores, load average {info['load_average_start'][0]:.1f} at start")
     print(md)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (RESULTS_BIAS if args.bias else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": {"dtype": "float32", "batch": 1, "heads": args.heads,
-                                          "head_dim": args.head_dim, "repeats": args.repeats},
+                                          "head_dim": args.head_dim, "repeats": args.repeats,
+                                          "bias": [1, args.heads, "S", "S"] if args.bias else None},
                                "machine": info, "results": results, "table_markdown": md}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0

@@ -9,6 +9,15 @@ query sees itself and the previous ``band_width - 1`` keys). Queries are aligned
 ``1 / sqrt(hd)``); the softmax runs in float32 for float32 and float16 inputs. A query row with no visible key
 outputs zeros (and gets zero gradients), never NaN.
 
+Additive score bias (T5 / Switch relative position bias, ALiBi-like tables): a cell built with ``has_bias=True``
+is called ``construct(q, k, v, key_mask, bias)`` with ``bias (1 or B, nh, Sq, Sk)`` float32 (float32 also for
+float16 inputs) and computes ``softmax(q k^T * scale + bias)`` over the same visible keys (the bias never changes
+visibility; it must be finite where a key is visible). Its gradient is the softmax gradient of the scores
+(``dS``), zero where a key is not visible and summed over the batch when the bias is shared (leading dim 1).
+Without ``has_bias`` (the default) the cell takes the four arguments above, exactly as before; passing a bias to
+such a cell, or none to a ``has_bias`` cell, raises a ValueError, as does a bias of the wrong shape or dtype
+(naming the shapes, before compilation).
+
 * :class:`ReferenceAttention` is made of MindSpore ops (BatchMatMul, softmax, masks from ``arange`` comparisons);
   it compiles in GRAPH_MODE and is differentiated by MindSpore autodiff. The matmuls run in the input dtype.
 * :class:`FusedAttention` runs the flash-attention algorithm (key tiles, online softmax, no ``Sq x Sk`` matrix,
@@ -71,6 +80,26 @@ def _check_inputs(q_shape, k_shape, v_shape, m_shape, head_dim):
         raise ValueError(f"attention: empty sequence; got {shapes}")
 
 
+def _check_bias(has_bias, bias_given, q_shape, k_shape, b_shape, b_dtype):
+    """Raises ValueError unless a bias is given exactly when ``has_bias`` and is (1 or B, nh, Sq, Sk) float32."""
+    if not has_bias:
+        if bias_given:
+            raise ValueError("attention: this cell was built without has_bias=True and takes no bias; build it with "
+                             "has_bias=True to pass one")
+        return
+    if not bias_given:
+        raise ValueError("attention: this cell was built with has_bias=True: call it with (q, k, v, key_mask, bias)")
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        return                                      # _check_inputs names the bad q / k shapes
+    b, nh, sq, sk = q_shape[0], q_shape[1], q_shape[2], k_shape[2]
+    if len(b_shape) != 4 or b_shape[0] not in (1, b) or b_shape[1] != nh or b_shape[2] != sq or b_shape[3] != sk:
+        raise ValueError(f"attention: bias must be (1 or B, nh, Sq, Sk) = (1 or {b}, {nh}, {sq}, {sk}); got bias "
+                         f"{b_shape} for q {q_shape}, k {k_shape}")
+    if b_dtype != mstype.float32:
+        raise ValueError(f"attention: bias must be float32 (also for float16 q, k, v); got {b_dtype} for bias "
+                         f"{b_shape}")
+
+
 def _check_dtypes(q_dtype, k_dtype, v_dtype):
     if q_dtype not in (mstype.float32, mstype.float16) or k_dtype != q_dtype or v_dtype != q_dtype:
         raise ValueError(f"attention: q, k, v must share dtype float32 or float16; got {q_dtype}, {k_dtype}, "
@@ -93,24 +122,38 @@ def _visible_mask(key_mask, sq, sk, causal, band_width):
     return visible
 
 
-class ReferenceAttention(nn.Cell):
-    """softmax(q k^T * scale + mask) v from MindSpore ops; see the module docstring for the contract."""
+def _check_has_bias(has_bias):
+    if not isinstance(has_bias, bool):
+        raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
+    return has_bias
 
-    def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None):
+
+class ReferenceAttention(nn.Cell):
+    """softmax(q k^T * scale [+ bias] + mask) v from MindSpore ops; see the module docstring for the contract."""
+
+    def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None,
+                 has_bias: bool = False):
         super().__init__()
         self.scale = _check_config(head_dim, causal, band_width, scale)
+        self.has_bias = _check_has_bias(has_bias)
         self.head_dim = head_dim
         self.causal = causal
         self.band_width = band_width
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.pv = ops.BatchMatMul()
 
-    def construct(self, q, k, v, key_mask):
+    def construct(self, q, k, v, key_mask, bias=None):
         _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, self.head_dim)
         _check_dtypes(q.dtype, k.dtype, v.dtype)
+        if bias is None:
+            _check_bias(self.has_bias, False, q.shape, k.shape, (), None)
+        else:
+            _check_bias(self.has_bias, True, q.shape, k.shape, bias.shape, bias.dtype)
         sq = q.shape[2]
         sk = k.shape[2]
         scores = ops.cast(self.qk(q, k), mstype.float32) * self.scale       # (B, nh, Sq, Sk)
+        if self.has_bias:
+            scores = scores + bias                                           # (B, nh, Sq, Sk)
         visible = _visible_mask(key_mask, sq, sk, self.causal, self.band_width)  # (B, 1, Sq, Sk)
         scores = ops.where(visible, scores, _MASK_FILL)                      # (B, nh, Sq, Sk)
         probs = ops.softmax(scores, -1) * ops.cast(visible, mstype.float32)  # (B, nh, Sq, Sk); empty rows -> 0
@@ -122,11 +165,20 @@ class ReferenceAttention(nn.Cell):
 
 
 class _CpuFlashAttention(nn.Cell):
-    """The aot C++ flash-attention kernels (forward + backward) on CPU."""
+    """The aot C++ flash-attention kernels (forward + backward) on CPU. With ``has_bias`` the biased entry points
+    (``FlashAttentionBias{Fwd,Bwd}``: bias as a sixth input, its gradient as a fourth output) are used instead; they
+    are distinct symbols because MindSpore identifies a Custom op with a bprop by its function name, so a 5-input and
+    a 6-input op on one symbol would collide in a graph holding both (Switch: biased self-, unbiased cross-attention).
+    """
 
-    def __init__(self, scale: float, causal: bool, band_width: int):
+    def __init__(self, scale: float, causal: bool, band_width: int, has_bias: bool = False):
         super().__init__()
+        self.has_bias = has_bias
         lib = build_library("flash_attention.cc")
+        self.params = Tensor(np.array([scale, 1.0 if causal else 0.0, band_width], np.float32))
+        if has_bias:
+            self.fwd = self._biased_op(lib)
+            return
         bwd = ops.Custom(
             f"{lib}:FlashAttentionBwd",
             out_shape=lambda q, k, v, m, p, o, do, lse: (q, k, v),
@@ -145,10 +197,33 @@ class _CpuFlashAttention(nn.Cell):
             func_type="aot",
             bprop=bprop,
         )
-        self.params = Tensor(np.array([scale, 1.0 if causal else 0.0, band_width], np.float32))
 
-    def construct(self, q, k, v, key_mask):
-        out, _ = self.fwd(q, k, v, ops.cast(key_mask, mstype.float32), self.params)
+    @staticmethod
+    def _biased_op(lib):
+        bwd = ops.Custom(
+            f"{lib}:FlashAttentionBiasBwd",
+            out_shape=lambda q, k, v, m, p, b, o, do, lse: (q, k, v, b),
+            out_dtype=lambda q, k, v, m, p, b, o, do, lse: (q, k, v, mstype.float32),
+            func_type="aot",
+        )
+
+        def bprop(q, k, v, key_mask, params, bias, out, dout):
+            dq, dk, dv, dbias = bwd(q, k, v, key_mask, params, bias, out[0], dout[0], out[1])
+            return dq, dk, dv, ops.zeros_like(key_mask), ops.zeros_like(params), dbias
+
+        return ops.Custom(
+            f"{lib}:FlashAttentionBiasFwd",
+            out_shape=lambda q, k, v, m, p, b: (q, q[:3]),    # out (B, nh, Sq, hd), lse (B, nh, Sq)
+            out_dtype=lambda q, k, v, m, p, b: (q, mstype.float32),
+            func_type="aot",
+            bprop=bprop,
+        )
+
+    def construct(self, q, k, v, key_mask, bias=None):
+        if self.has_bias:
+            out, _ = self.fwd(q, k, v, ops.cast(key_mask, mstype.float32), self.params, bias)
+        else:
+            out, _ = self.fwd(q, k, v, ops.cast(key_mask, mstype.float32), self.params)
         return out
 
 
@@ -179,27 +254,45 @@ def _ascend_fa_args(causal: bool, band_width: int, sq: int, sk: int):
     return 0, pre_tokens, next_tokens
 
 
-class _AscendFlashAttention(nn.Cell):
-    """MindSpore's FlashAttentionScore (Ascend only): float16 compute, explicit (B, 1, Sq, Sk) mask."""
+def _ascend_bias_args(q, scale: float, bias):
+    """``(query, real_shift, scalar_value)`` for ``ops.flash_attention_score`` computing ``q k^T * scale + bias``.
 
-    def __init__(self, head_dim: int, scale: float, causal: bool, band_width: int):
+    The op's ``real_shift`` (pse) is documented two ways: MindSpore's docstring says ``scale * (q k^T) + pse``,
+    CANN's FlashAttentionScore (= ``pse_type`` 1 of ``speed_fusion_attention``) says ``scale * (pse + q k^T)``.
+    Folding the scale into ``q`` and passing ``scalar_value = 1`` makes both readings the same computation, so the
+    mapping is right whichever holds. With no bias, ``(q, None, scale)``. ``real_shift`` must have the query's
+    dtype (float16); ``(1, nh, Sq, Sk)`` and ``(B, nh, Sq, Sk)`` are both accepted shapes.
+    """
+    if bias is None:
+        return ops.cast(q, mstype.float16), None, scale
+    q = ops.cast(ops.cast(q, mstype.float32) * scale, mstype.float16)               # (B, nh, Sq, hd)
+    return q, ops.cast(bias, mstype.float16), 1.0                                   # (1|B, nh, Sq, Sk)
+
+
+class _AscendFlashAttention(nn.Cell):
+    """MindSpore's FlashAttentionScore (Ascend only): float16 compute, explicit (B, 1, Sq, Sk) mask; the additive
+    bias goes to its ``real_shift`` input (see :func:`_ascend_bias_args`)."""
+
+    def __init__(self, head_dim: int, scale: float, causal: bool, band_width: int, has_bias: bool = False):
         super().__init__()
         if head_dim % 16 != 0 or head_dim > 512:
             raise ValueError(f"ops.flash_attention_score needs head_dim a multiple of 16 and <= 512, got {head_dim}")
         self.scale = scale
         self.causal = causal
         self.band_width = band_width
+        self.has_bias = has_bias
 
-    def construct(self, q, k, v, key_mask):
+    def construct(self, q, k, v, key_mask, bias=None):
         nh = q.shape[1]
         sq = q.shape[2]
         sk = k.shape[2]
         sparse_mode, pre_tokens, next_tokens = _ascend_fa_args(self.causal, self.band_width, sq, sk)
         visible = _visible_mask(key_mask, sq, sk, self.causal, self.band_width)     # (B, 1, Sq, Sk)
         attn_mask = ops.cast(ops.logical_not(visible), mstype.uint8)                # (B, 1, Sq, Sk) 1 = masked
+        query, real_shift, scalar_value = _ascend_bias_args(q, self.scale, bias if self.has_bias else None)
         out = ops.flash_attention_score(
-            ops.cast(q, mstype.float16), ops.cast(k, mstype.float16), ops.cast(v, mstype.float16), nh,
-            attn_mask=attn_mask, scalar_value=self.scale, pre_tokens=pre_tokens, next_tokens=next_tokens,
+            query, ops.cast(k, mstype.float16), ops.cast(v, mstype.float16), nh, real_shift=real_shift,
+            attn_mask=attn_mask, scalar_value=scalar_value, pre_tokens=pre_tokens, next_tokens=next_tokens,
             input_layout="BNSD", sparse_mode=sparse_mode)                           # (B, nh, Sq, hd)
         row_any = ops.cast(ops.any(visible, -1, keep_dims=True), mstype.float16)  # (B, 1, Sq, 1)
         return ops.cast(out * row_any, q.dtype)                                    # (B, nh, Sq, hd)
@@ -209,32 +302,38 @@ class FusedAttention(nn.Cell):
     """Flash attention: aot C++ kernels on CPU, ``ops.flash_attention_score`` on Ascend; same contract as
     :class:`ReferenceAttention`."""
 
-    def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None):
+    def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None,
+                 has_bias: bool = False):
         super().__init__()
         self.scale = _check_config(head_dim, causal, band_width, scale)
+        self.has_bias = _check_has_bias(has_bias)
         self.head_dim = head_dim
         self.causal = causal
         self.band_width = band_width
         self.device = ms.get_context("device_target")
         if self.device == "Ascend":
-            self.impl = _AscendFlashAttention(head_dim, self.scale, causal, band_width)
+            self.impl = _AscendFlashAttention(head_dim, self.scale, causal, band_width, has_bias)
         elif self.device == "CPU":
-            self.impl = _CpuFlashAttention(self.scale, causal, band_width)
+            self.impl = _CpuFlashAttention(self.scale, causal, band_width, has_bias)
         else:
             raise ValueError(f"FusedAttention supports device_target 'CPU' or 'Ascend', got {self.device!r}; "
                              f"use make_attention('reference', ...) there")
 
-    def construct(self, q, k, v, key_mask):
+    def construct(self, q, k, v, key_mask, bias=None):
         _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, self.head_dim)
         _check_dtypes(q.dtype, k.dtype, v.dtype)
-        return self.impl(q, k, v, key_mask)
+        if bias is None:
+            _check_bias(self.has_bias, False, q.shape, k.shape, (), None)
+            return self.impl(q, k, v, key_mask)
+        _check_bias(self.has_bias, True, q.shape, k.shape, bias.shape, bias.dtype)
+        return self.impl(q, k, v, key_mask, bias)
 
 
 def make_attention(impl: str, head_dim: int, causal: bool = False, band_width: int = 0,
-                   scale: float | None = None) -> nn.Cell:
-    """The attention core named by ``impl`` ('reference' or 'fused')."""
+                   scale: float | None = None, has_bias: bool = False) -> nn.Cell:
+    """The attention core named by ``impl`` ('reference' or 'fused'); ``has_bias`` adds the bias input."""
     if impl == "reference":
-        return ReferenceAttention(head_dim, causal=causal, band_width=band_width, scale=scale)
+        return ReferenceAttention(head_dim, causal=causal, band_width=band_width, scale=scale, has_bias=has_bias)
     if impl == "fused":
-        return FusedAttention(head_dim, causal=causal, band_width=band_width, scale=scale)
+        return FusedAttention(head_dim, causal=causal, band_width=band_width, scale=scale, has_bias=has_bias)
     raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")

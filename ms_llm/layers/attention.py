@@ -3,7 +3,8 @@
 The projections live here; the softmax(q k^T) v core is a kernel cell from :mod:`ms_llm.kernels.attention`
 (``reference`` composite ops or ``fused`` flash attention), chosen by ``cfg.attention_impl``. Masks are passed as a
 key mask ``(B, Sk)`` plus the static causal / band flags of the layer. T5 / Switch self-attention adds a learned
-relative position bias (:class:`RelativePositionBias`, shared by the layers of a stack) to the scores.
+relative position bias (:class:`RelativePositionBias`, shared by the layers of a stack) to the scores through the
+kernels' additive-bias input (``has_bias=True``), so both ``reference`` and ``fused`` cores serve it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ..kernels.attention import _MASK_FILL, ReferenceAttention, _visible_mask, make_attention
+from ..kernels.attention import make_attention
 from .common import normal_param
 from .embedding import RotaryEmbedding
 from .linear import Linear
@@ -66,22 +67,6 @@ class RelativePositionBias(nn.Cell):
         return ops.expand_dims(ops.transpose(bias, (2, 0, 1)), 0)                         # (1, nh, Sq, Sk)
 
 
-class BiasedReferenceAttention(ReferenceAttention):
-    """The reference core with an additive score bias: softmax(q k^T * scale + bias + mask) v (T5 attention).
-
-    The fused flash kernel takes no bias input, so relative position bias needs ``attention_impl: reference``.
-    """
-
-    def construct(self, q, k, v, key_mask, bias):
-        sq = q.shape[2]
-        sk = k.shape[2]
-        scores = ops.cast(self.qk(q, k), ms.float32) * self.scale + bias    # (B, nh, Sq, Sk)
-        visible = _visible_mask(key_mask, sq, sk, self.causal, self.band_width)  # (B, 1, Sq, Sk)
-        scores = ops.where(visible, scores, _MASK_FILL)                       # (B, nh, Sq, Sk)
-        probs = ops.softmax(scores, -1) * ops.cast(visible, ms.float32)       # (B, nh, Sq, Sk)
-        return self.pv(ops.cast(probs, q.dtype), v)                           # (B, nh, Sq, hd)
-
-
 class Attention(nn.Cell):
     """Attention of queries from ``x`` over keys/values from ``kv_input`` (``x`` itself for self-attention).
 
@@ -112,14 +97,9 @@ class Attention(nn.Cell):
                        else None)
         self.scale = 1.0 / math.sqrt(hd) if scale is None else scale
         self.position_bias = position_bias
-        if position_bias is not None:
-            if cfg.attention_impl != "reference":
-                raise ValueError(f"model.attention_impl: '{cfg.attention_impl}' has no position-bias input; "
-                                 f"relative position bias (T5/Switch) needs 'reference'")
-            self.core = BiasedReferenceAttention(hd, causal=causal, band_width=band_width, scale=self.scale)
-        else:
-            self.core = make_attention(cfg.attention_impl, hd, causal=causal, band_width=band_width,
-                                       scale=self.scale)
+        # with a position bias the core takes it as a fifth input: softmax(q k^T * scale + bias), d bias included
+        self.core = make_attention(cfg.attention_impl, hd, causal=causal, band_width=band_width, scale=self.scale,
+                                   has_bias=position_bias is not None)
         # KV-cache decoding (causal self-attention only): one query per sequence against a static cache whose
         # visible slots (filled, not padding, inside the band) the caller passes as the key mask, so this core is
         # neither causal nor banded.

@@ -1,8 +1,10 @@
 """Attention core: reference vs a numpy transcription, fused (flash-attention aot kernels) vs reference, forward
-and backward, plus the kernel builder and the Ascend argument mapping.
+and backward, with and without an additive score bias (incl. d bias), plus the kernel builder and the Ascend
+argument mapping.
 
 Tolerances: float32 1e-5 (atol and rtol); float16 2e-3 (atol and rtol): the reference runs its two matmuls in
 float16 (scores and probabilities rounded to float16), the fused kernel computes in float32 and rounds once.
+d bias of a bias shared by the batch sums B per-sequence gradients: same float32 tolerance (measured ~1e-6).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ms_llm.kernels import _build
-from ms_llm.kernels.attention import (ATTENTION_IMPLS, FusedAttention, ReferenceAttention, _ascend_fa_args,
-                                      make_attention)
+from ms_llm.kernels.attention import (ATTENTION_IMPLS, FusedAttention, ReferenceAttention, _ascend_bias_args,
+                                      _ascend_fa_args, make_attention)
 
 F32_TOL = 1e-5
 F16_TOL = 2e-3
@@ -51,12 +53,15 @@ def np_visible(key_mask, sq, sk, causal, band_width):
     return vis
 
 
-def np_attention(q, k, v, key_mask, causal=False, band_width=0, scale=None):
-    """softmax(q k^T * scale) v in float64 over visible keys; rows without a visible key are 0. Also returns P."""
+def np_attention(q, k, v, key_mask, causal=False, band_width=0, scale=None, bias=None):
+    """softmax(q k^T * scale [+ bias]) v in float64 over visible keys; rows without a visible key are 0. Also
+    returns P."""
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     vis = np_visible(key_mask, q.shape[2], k.shape[2], causal, band_width)
     s = np.einsum("bhid,bhjd->bhij", q, k) * scale                     # (B, nh, Sq, Sk)
+    if bias is not None:
+        s = s + bias.astype(np.float64)                                 # (B, nh, Sq, Sk), bias broadcast over B
     s = np.where(vis, s, -np.inf)
     row_max = np.max(s, axis=-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
@@ -66,8 +71,9 @@ def np_attention(q, k, v, key_mask, causal=False, band_width=0, scale=None):
     return np.einsum("bhij,bhjd->bhid", p, v), p
 
 
-def np_attention_grads(q, k, v, p, dout, scale):
-    """Analytic softmax-attention backward (float64): dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), ..."""
+def np_attention_grads(q, k, v, p, dout, scale, bias_batch=None):
+    """Analytic softmax-attention backward (float64): dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), ...; with
+    ``bias_batch`` (1 or B) also d bias = dS (summed over the batch when 1)."""
     q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
     out = np.einsum("bhij,bhjd->bhid", p, v)
     dv = np.einsum("bhij,bhid->bhjd", p, dout)
@@ -75,7 +81,9 @@ def np_attention_grads(q, k, v, p, dout, scale):
     ds = p * (dp - np.sum(dout * out, axis=-1, keepdims=True))
     dq = np.einsum("bhij,bhjd->bhid", ds, k) * scale
     dk = np.einsum("bhij,bhid->bhjd", ds, q) * scale
-    return dq, dk, dv
+    if bias_batch is None:
+        return dq, dk, dv
+    return dq, dk, dv, (ds.sum(0, keepdims=True) if bias_batch == 1 else ds)
 
 
 def make_inputs(seed, b, nh, sq, sk, hd, dtype=np.float32, pad=0):
@@ -307,6 +315,199 @@ def test_ascend_fused_matches_reference(causal, band, pad):
                                    err_msg=what)
 
 
+# ----------------------------------------------------------------------------- additive score bias
+class ForwardAndGradsBiased(nn.Cell):
+    """(out, dq, dk, dv, dbias) of a ``has_bias`` attention cell for the cotangent ``dout``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.grad = ops.GradOperation(get_all=True, sens_param=True)
+
+    def construct(self, q, k, v, key_mask, bias, dout):
+        out = self.net(q, k, v, key_mask, bias)
+        dq, dk, dv, _, dbias = self.grad(self.net)(q, k, v, key_mask, bias, dout)
+        return out, dq, dk, dv, dbias
+
+
+def make_bias(seed, bias_batch, nh, sq, sk):
+    return np.random.default_rng(seed).normal(0.0, 1.5, (bias_batch, nh, sq, sk)).astype(np.float32)
+
+
+def run_biased(net, q, k, v, key_mask, bias, dout):
+    dout = dout.astype(q.dtype)
+    res = ForwardAndGradsBiased(net)(Tensor(q), Tensor(k), Tensor(v), Tensor(key_mask), Tensor(bias), Tensor(dout))
+    return [r.asnumpy() for r in res]
+
+
+BIAS_CASES = {
+    # name: (b, nh, sq, sk, hd, causal, band_width, pad, bias_batch); lengths straddle the 64-wide tiles
+    "shared_causal_padding": (2, 2, 67, 67, 16, True, 0, 5, 1),
+    "per_batch_full_padding": (2, 2, 70, 130, 32, False, 0, 7, 2),
+    "shared_band_3_batches": (3, 2, 97, 97, 32, True, 20, 3, 1),
+    "per_batch_causal_cross": (2, 1, 7, 129, 16, True, 0, 9, 2),
+}
+BIAS_NAMES = ("out", "dq", "dk", "dv", "dbias")
+
+
+def test_reference_with_bias_matches_numpy():
+    """The biased reference (MindSpore autodiff) against the float64 formula, incl. d bias summed over B."""
+    b, nh, sq, sk, hd = 2, 2, 9, 11, 16
+    q, k, v, key_mask, dout = make_inputs(11, b, nh, sq, sk, hd, pad=3)
+    bias = make_bias(12, 1, nh, sq, sk)
+    expected_out, p = np_attention(q, k, v, key_mask, True, 0, scale=0.4, bias=bias)
+    expected = (expected_out, *np_attention_grads(q, k, v, p, dout, 0.4, bias_batch=1))
+    got = run_biased(ReferenceAttention(hd, causal=True, scale=0.4, has_bias=True), q, k, v, key_mask, bias, dout)
+    assert got[4].shape == bias.shape and got[4].dtype == np.float32
+    for what, e, g in zip(BIAS_NAMES, expected, got):
+        np.testing.assert_allclose(g, e, rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+
+
+@pytest.mark.parametrize("name", sorted(BIAS_CASES))
+def test_fused_with_bias_matches_reference_fp32(name):
+    b, nh, sq, sk, hd, causal, band, pad, bb = BIAS_CASES[name]
+    q, k, v, key_mask, dout = make_inputs(13, b, nh, sq, sk, hd, pad=pad)
+    bias = make_bias(14, bb, nh, sq, sk)
+    kw = dict(causal=causal, band_width=band, has_bias=True)
+    ref = run_biased(ReferenceAttention(hd, **kw), q, k, v, key_mask, bias, dout)
+    fused = run_biased(FusedAttention(hd, **kw), q, k, v, key_mask, bias, dout)
+    assert fused[4].shape == (bb, nh, sq, sk) and fused[4].dtype == np.float32
+    assert np.abs(fused[4]).max() > 1e-3                                 # a real gradient, not zeros
+    for what, r, f in zip(BIAS_NAMES, ref, fused):
+        assert f.shape == r.shape and np.all(np.isfinite(f)), what
+        np.testing.assert_allclose(f, r, rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+
+
+def test_fused_with_bias_matches_numpy_analytic():
+    """Anchors the biased fused backward (d bias of a batch-shared bias included) to the float64 formula."""
+    q, k, v, key_mask, dout = make_inputs(15, 3, 2, 45, 71, 32, pad=6)
+    bias = make_bias(16, 1, 2, 45, 71)
+    expected_out, p = np_attention(q, k, v, key_mask, True, 30, scale=0.25, bias=bias)
+    expected = (expected_out, *np_attention_grads(q, k, v, p, dout, 0.25, bias_batch=1))
+    got = run_biased(FusedAttention(32, causal=True, band_width=30, scale=0.25, has_bias=True), q, k, v, key_mask,
+                     bias, dout)
+    for what, e, g in zip(BIAS_NAMES, expected, got):
+        np.testing.assert_allclose(g, e, rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+
+
+def test_fused_with_bias_matches_reference_fp16():
+    """float16 q, k, v with a float32 bias: out/dq/dk/dv in float16, d bias in float32."""
+    b, nh, sq, sk, hd, causal, band, pad, bb = BIAS_CASES["per_batch_full_padding"]
+    q, k, v, key_mask, dout = make_inputs(17, b, nh, sq, sk, hd, dtype=np.float16, pad=pad)
+    bias = make_bias(18, bb, nh, sq, sk)
+    kw = dict(causal=causal, band_width=band, has_bias=True)
+    ref = run_biased(ReferenceAttention(hd, **kw), q, k, v, key_mask, bias, dout)
+    fused = run_biased(FusedAttention(hd, **kw), q, k, v, key_mask, bias, dout)
+    for what, r, f in zip(BIAS_NAMES, ref, fused):
+        assert f.dtype == (np.float32 if what == "dbias" else np.float16), what
+        np.testing.assert_allclose(f.astype(np.float32), r.astype(np.float32), rtol=F16_TOL, atol=F16_TOL,
+                                   err_msg=what)
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_bias_rows_without_visible_keys_give_zeros(impl):
+    """Batch 0 fully padded and causal Sq > Sk: empty rows output zeros and get zero d bias (not NaN)."""
+    q, k, v, key_mask, dout = make_inputs(19, 2, 2, 12, 7, 16)
+    key_mask[0] = 0.0
+    bias = make_bias(20, 2, 2, 12, 7)
+    out, dq, dk, dv, dbias = run_biased(make_attention(impl, 16, causal=True, has_bias=True), q, k, v, key_mask,
+                                        bias, dout)
+    assert all(np.all(np.isfinite(x)) for x in (out, dq, dk, dv, dbias))
+    assert np.all(out[0] == 0.0) and np.all(dbias[0] == 0.0) and np.all(dq[0] == 0.0)
+    assert np.all(dbias[1, :, :5] == 0.0)                                 # queries 0..4 see no key
+    expected_out, p = np_attention(q, k, v, key_mask, True, 0, bias=bias)
+    expected_dbias = np_attention_grads(q, k, v, p, dout, 0.25, bias_batch=2)[3]
+    np.testing.assert_allclose(out, expected_out, rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_allclose(dbias, expected_dbias, rtol=F32_TOL, atol=F32_TOL)
+
+
+class BiasedPlusUnbiased(nn.Cell):
+    """A biased and an unbiased core in one graph (Switch: biased self-, unbiased cross-attention)."""
+
+    def __init__(self, impl):
+        super().__init__()
+        self.biased = make_attention(impl, 16, causal=True, has_bias=True)
+        self.plain = make_attention(impl, 16)
+
+    def construct(self, q, k, v, key_mask, bias):
+        return self.biased(q, k, v, key_mask, bias) * 2.0 + self.plain(q, k, v, key_mask)
+
+
+def test_biased_and_unbiased_fused_cores_in_one_graph():
+    """Regression: both CPU Custom ops in one differentiated graph (they must not share an aot symbol)."""
+    q, k, v, key_mask, dout = make_inputs(25, 2, 2, 10, 10, 16, pad=2)
+    bias = make_bias(26, 1, 2, 10, 10)
+    ref = run_biased(BiasedPlusUnbiased("reference"), q, k, v, key_mask, bias, dout)
+    fused = run_biased(BiasedPlusUnbiased("fused"), q, k, v, key_mask, bias, dout)
+    for what, r, f in zip(BIAS_NAMES, ref, fused):
+        np.testing.assert_allclose(f, r, rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+
+
+BAD_BIAS = {
+    # q (2, 2, 4, 16), k/v (2, 2, 5, 16): a valid bias is (1 or 2, 2, 4, 5) float32
+    "sk": ((1, 2, 4, 6), np.float32, "bias (1, 2, 4, 6)"),
+    "heads": ((2, 1, 4, 5), np.float32, "bias (2, 1, 4, 5)"),
+    "batch": ((3, 2, 4, 5), np.float32, "bias (3, 2, 4, 5)"),
+    "rank": ((2, 4, 5), np.float32, "bias (2, 4, 5)"),
+    "dtype": ((1, 2, 4, 5), np.float16, "float32.*bias (1, 2, 4, 5)"),
+}
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("case", sorted(BAD_BIAS))
+def test_bad_bias_raises_value_error_naming_shape(impl, case):
+    shape, dtype, named = BAD_BIAS[case]
+    net = make_attention(impl, 16, has_bias=True)
+    args = [Tensor(np.zeros(s, np.float32)) for s in ((2, 2, 4, 16), (2, 2, 5, 16), (2, 2, 5, 16), (2, 5))]
+    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        net(*args, Tensor(np.zeros(shape, dtype)))
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_bias_arity_must_match_has_bias(impl):
+    q = Tensor(np.zeros((1, 2, 3, 16), np.float32))
+    mask = Tensor(np.ones((1, 3), np.float32))
+    bias = Tensor(np.zeros((1, 2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="without has_bias=True"):
+        make_attention(impl, 16)(q, q, q, mask, bias)
+    with pytest.raises(ValueError, match=r"has_bias=True: call it with \(q, k, v, key_mask, bias\)"):
+        make_attention(impl, 16, has_bias=True)(q, q, q, mask)
+    with pytest.raises(ValueError, match="has_bias must be a bool"):
+        make_attention(impl, 16, has_bias=1)
+
+
+@pytest.mark.parametrize("bias_batch", [1, 2])
+def test_ascend_bias_args_agree_with_both_documented_pse_formulas(bias_batch):
+    """MindSpore documents flash_attention_score as softmax(scale * qk^T + pse), CANN's FlashAttentionScore as
+    softmax(scale * (pse + qk^T)); with the arguments we pass, both equal q k^T * scale + bias (float16 inputs to
+    the op, so 2e-3)."""
+    q, k, _, _, _ = make_inputs(21, 2, 2, 5, 6, 16)
+    bias = make_bias(22, bias_batch, 2, 5, 6)
+    query, pse, scalar = _ascend_bias_args(Tensor(q), 0.25, Tensor(bias))
+    assert query.dtype == ms.float16 and pse.dtype == ms.float16 and pse.shape == bias.shape and scalar == 1.0
+    qk = np.einsum("bhid,bhjd->bhij", query.asnumpy().astype(np.float64), k.astype(np.float64))
+    pse = pse.asnumpy().astype(np.float64)
+    want = np.einsum("bhid,bhjd->bhij", q.astype(np.float64), k.astype(np.float64)) * 0.25 + bias
+    np.testing.assert_allclose(scalar * qk + pse, want, rtol=F16_TOL, atol=F16_TOL)      # MindSpore's reading
+    np.testing.assert_allclose(scalar * (pse + qk), want, rtol=F16_TOL, atol=F16_TOL)    # CANN's reading
+    query, pse, scalar = _ascend_bias_args(Tensor(q), 0.25, None)
+    assert pse is None and scalar == 0.25 and query.dtype == ms.float16
+
+
+@pytest.mark.ascend
+@pytest.mark.skipif(not ON_ASCEND, reason="ops.flash_attention_score runs only on an Ascend NPU")
+@pytest.mark.parametrize("causal,pad,bias_batch", [(False, 3, 1), (True, 0, 2), (True, 2, 1)])
+def test_ascend_fused_with_bias_matches_reference(causal, pad, bias_batch):
+    q, k, v, key_mask, dout = make_inputs(23, 2, 4, 96, 96, 64, dtype=np.float16, pad=pad)
+    bias = make_bias(24, bias_batch, 4, 96, 96)
+    ref = run_biased(ReferenceAttention(64, causal=causal, has_bias=True), q, k, v, key_mask, bias, dout)
+    fused = run_biased(FusedAttention(64, causal=causal, has_bias=True), q, k, v, key_mask, bias, dout)
+    for what, r, f in zip(BIAS_NAMES, ref, fused):
+        assert f.shape == r.shape, what
+        np.testing.assert_allclose(f.astype(np.float32), r.astype(np.float32), rtol=F16_TOL, atol=F16_TOL,
+                                   err_msg=what)
+
+
 # ----------------------------------------------------------------------------- the builder and the C ABI
 def call_aot(lib, name, arrays, dtypes):
     """Calls an aot kernel the way MindSpore does: (nparam, params, ndims, shapes, dtypes, stream, extra)."""
@@ -342,6 +543,28 @@ def test_generic_isa_build_matches_numpy(tmp_path):
     # a contract violation (band without causal) is refused with a nonzero status, not computed
     bad = np.array([scale, 0.0, 3.0], np.float32)
     assert call_aot(lib, "FlashAttentionFwd", [q, k, v, key_mask, bad, out, lse], f32) != 0
+    # with a bias shared by the batch (the Bias entry points); dbias starts as NaN: every element must be written
+    bias = make_bias(10, 1, 2, 70, 75)
+    assert call_aot(lib, "FlashAttentionBiasFwd", [q, k, v, key_mask, params, bias, out, lse], f32 + ["float32"]) == 0
+    expected, p = np_attention(q, k, v, key_mask, True, 33, scale=scale, bias=bias)
+    np.testing.assert_allclose(out, expected, rtol=F32_TOL, atol=F32_TOL)
+    dbias = np.full_like(bias, np.nan)
+    args = [q, k, v, key_mask, params, bias, out, dout, lse, dq, dk, dv, dbias]
+    assert call_aot(lib, "FlashAttentionBiasBwd", args, ["float32"] * 13) == 0
+    grads = np_attention_grads(q, k, v, p, dout, scale, bias_batch=1)
+    for what, e, g in zip(("dq", "dk", "dv", "dbias"), grads, (dq, dk, dv, dbias)):
+        np.testing.assert_allclose(g, e, rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+    bias2 = make_bias(27, 2, 2, 70, 75)                                 # one bias per sequence
+    assert call_aot(lib, "FlashAttentionBiasFwd", [q, k, v, key_mask, params, bias2, out, lse], f32 + ["float32"]) == 0
+    _, p2 = np_attention(q, k, v, key_mask, True, 33, scale=scale, bias=bias2)
+    dbias2 = np.full_like(bias2, np.nan)
+    args = [q, k, v, key_mask, params, bias2, out, dout, lse, dq, dk, dv, dbias2]
+    assert call_aot(lib, "FlashAttentionBiasBwd", args, ["float32"] * 13) == 0
+    expected_dbias2 = np_attention_grads(q, k, v, p2, dout, scale, bias_batch=2)[3]
+    np.testing.assert_allclose(dbias2, expected_dbias2, rtol=F32_TOL, atol=F32_TOL, err_msg="dbias per sequence")
+    short = np.zeros((1, 2, 70, 74), np.float32)                       # Sk - 1 keys: refused
+    assert call_aot(lib, "FlashAttentionBiasFwd", [q, k, v, key_mask, params, short, out, lse], f32 + ["float32"]) != 0
+    assert call_aot(lib, "FlashAttentionFwd", [q, k, v, key_mask, params, bias, out, lse], f32 + ["float32"]) != 0
 
 
 def test_build_failure_reports_compiler_output(tmp_path):

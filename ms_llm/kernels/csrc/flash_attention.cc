@@ -3,13 +3,21 @@
 //
 // Forward  FlashAttentionFwd(q, k, v, key_mask, params) -> (out, lse)
 // Backward FlashAttentionBwd(q, k, v, key_mask, params, out, dout, lse) -> (dq, dk, dv)
+// Biased   FlashAttentionBiasFwd(q, k, v, key_mask, params, bias) -> (out, lse)
+//          FlashAttentionBiasBwd(q, k, v, key_mask, params, bias, out, dout, lse) -> (dq, dk, dv, dbias)
+//   (separate symbols, not an optional argument: MindSpore identifies a Custom op with a bprop by its function
+//   name, so two ops on one symbol with different arities collide in a graph that holds both)
 //   q (B, H, Sq, D), k/v (B, H, Sk, D): float32 or float16 (all three the same);
 //   key_mask (B, Sk) float32, 1 = attend, 0 = padding (a value > 0.5 counts as 1);
 //   params (3,) float32 = [scale, causal (0/1), band_width (0 = no band)];
+//   bias (Bb, H, Sq, Sk) float32 with Bb = 1 (shared by the batch) or B, added to the scaled scores:
+//   s = q k^T * scale + bias;
 //   out (B, H, Sq, D) in the input dtype; lse (B, H, Sq) float32, -inf for a row with no visible key;
-//   dq/dk/dv in the input dtype.
+//   dq/dk/dv in the input dtype; dbias (Bb, H, Sq, Sk) float32 = dL/ds (summed over the batch when Bb = 1; zero
+//   where the key is not visible).
 // Key j is visible to query i iff key_mask[b, j] > 0.5 and, when causal, j <= i + (Sk - Sq) and, when
 // band_width > 0, j > i + (Sk - Sq) - band_width.  A row with no visible key outputs zeros (and zero grads).
+// The bias does not change visibility; it must be finite where a key is visible.
 //
 // Everything is computed in float32.  Each (b, h) head is copied once into padded float32 buffers (D padded
 // to a multiple of kNR, rows padded with zeros), so the inner GEMM micro-kernel has fixed 4 x kNR blocks and no
@@ -17,7 +25,10 @@
 // (-O3 -std=gnu++17 -fno-trapping-math so masked selects are if-converted; AVX2/FMA or AVX-512 flags only when
 // the CPU has them, else the compiler's default target; see ms_llm/kernels/_build.py).
 // Work is split over (b, h, query tile) tasks (forward) or (b, h, key tile) tasks (backward) in contiguous,
-// cost-balanced ranges across std::threads; tiles outside the causal/band structure are skipped.
+// cost-balanced ranges across std::threads; tiles outside the causal/band structure are skipped.  With a bias
+// shared by the batch (Bb = 1 < B), a backward task is (h, key tile) over every b, so the dbias column strip of
+// a key tile is accumulated by one thread only (no locks, no per-thread Sq x Sk buffer).  The bias and no-bias
+// paths are separate template instances: the no-bias code is the same as without bias support.
 
 #include <sched.h>
 
@@ -238,6 +249,10 @@ struct Problem {
   bool causal = false;
   int64_t band = 0;
   int64_t offset = 0;       // Sk - Sq: query i is aligned with key i + offset
+  int64_t Bb = 0;           // bias batch: 0 = no bias, 1 = shared by the batch, B = per sequence
+
+  // The (Sq, Sk) bias block of head `head` (= b * H + h).
+  int64_t BiasHead(int64_t head) const { return Bb == 1 ? head % H : head; }
 
   // Visible key range [Lo(i), Hi(i)] from the causal/band structure (key_mask applies on top).
   int64_t Hi(int64_t i) const { return causal ? std::min(i + offset, Sk - 1) : Sk - 1; }
@@ -338,8 +353,9 @@ void LoadKeyMask(const Problem &p, const float *kmask, int64_t b, float *km) {
 }
 
 // ---------------------------------------------------------------- forward
-void ForwardRange(const Problem &p, const void *q, const void *k, const void *v, const float *kmask, void *out,
-                  float *lse, int64_t t_begin, int64_t t_end) {
+template <bool kBias>
+void ForwardRange(const Problem &p, const void *q, const void *k, const void *v, const float *kmask,
+                  const float *bias, void *out, float *lse, int64_t t_begin, int64_t t_end) {
   const int64_t n_rt = p.Sqp / kBR;
   const int64_t Dp = p.Dp, Skp = p.Skp;
   std::vector<float> Kt(Dp * Skp), V(Skp * Dp), Q(kBR * Dp), O(kBR * Dp);
@@ -367,7 +383,8 @@ void ForwardRange(const Problem &p, const void *q, const void *k, const void *v,
     p.KeyTileRange(r0, r0 + nr, &cb, &ce);
     for (int64_t ct = cb; ct < ce; ++ct) {
       const int64_t c0 = ct * kBC;
-      const int ncr = static_cast<int>(RoundUp(std::min<int64_t>(kBC, p.Sk - c0), kNR));  // GEMM key columns
+      const int nc = static_cast<int>(std::min<int64_t>(kBC, p.Sk - c0));  // real keys in this tile
+      const int ncr = static_cast<int>(RoundUp(nc, kNR));                    // GEMM key columns
       std::fill(S.begin(), S.end(), 0.0f);
       GemmAcc(mr, ncr, static_cast<int>(Dp), Q.data(), Dp, Kt.data() + ct * Dp * kBC, kBC, S.data(),
               kBC);  // (BR, BC)
@@ -375,9 +392,18 @@ void ForwardRange(const Problem &p, const void *q, const void *k, const void *v,
       for (int r = 0; r < nr; ++r) {
         float *sr = S.data() + r * kBC;
         const float *vr = valid.data() + r * kBC;
-        for (int c = 0; c < kBC; ++c) {
-          const float sc = sr[c] * scale;
-          sr[c] = vr[c] != 0.0f ? sc : kNegInf;
+        if constexpr (kBias) {  // bias row of query r0 + r, keys c0 .. c0 + nc (never read past the row)
+          const float *br = bias + (p.BiasHead(head) * p.Sq + r0 + r) * p.Sk + c0;
+          for (int c = 0; c < nc; ++c) {
+            const float sc = sr[c] * scale + br[c];
+            sr[c] = vr[c] != 0.0f ? sc : kNegInf;
+          }
+          for (int c = nc; c < kBC; ++c) sr[c] = kNegInf;
+        } else {
+          for (int c = 0; c < kBC; ++c) {
+            const float sc = sr[c] * scale;
+            sr[c] = vr[c] != 0.0f ? sc : kNegInf;
+          }
         }
         const float mx = RowMax(sr);
         if (mx == kNegInf) {  // nothing visible in this tile for this row
@@ -408,11 +434,19 @@ void ForwardRange(const Problem &p, const void *q, const void *k, const void *v,
 }
 
 // ---------------------------------------------------------------- backward
-// Tasks are (head, key tile): dk/dv of a key tile belong to one task; dq is accumulated per thread and flushed
-// into a shared float32 buffer under a mutex when the thread moves to another head.
+// Backward tasks are groups (g, key tile) with g = b * H + h (one head) or, when the bias is shared by the batch
+// (Bb = 1 < B), g = h covering every b: Problem::BackwardGroups() of them, each run for BatchesPerGroup() heads.
+// dk/dv of a (head, key tile) belong to one task, and so does the dbias column strip of a group's key tile (the
+// batch loop is outermost inside a thread's range, so each head is still loaded once per range); dq is
+// accumulated per thread and flushed into a shared float32 buffer under a mutex when the thread moves to another
+// head.
+int64_t BackwardGroups(const Problem &p) { return (p.Bb == 1 ? p.H : p.B * p.H) * (p.Skp / kBC); }
+int64_t BatchesPerGroup(const Problem &p) { return p.Bb == 1 ? p.B : 1; }
+
+template <bool kBias>
 void BackwardRange(const Problem &p, const void *q, const void *k, const void *v, const float *kmask,
-                   const void *out, const void *dout, const float *lse, float *dq_acc, std::mutex *dq_mutex,
-                   void *dk, void *dv, int64_t t_begin, int64_t t_end) {
+                   const float *bias, const void *out, const void *dout, const float *lse, float *dq_acc,
+                   std::mutex *dq_mutex, void *dk, void *dv, float *dbias, int64_t g_begin, int64_t g_end) {
   const int64_t n_ct = p.Skp / kBC;
   const int64_t Dp = p.Dp, Sqp = p.Sqp, Skp = p.Skp;
   std::vector<float> Q(Sqp * Dp), dO(Sqp * Dp), Ob(Sqp * Dp), K(Skp * Dp), Kt(Dp * Skp), V(Skp * Dp), Vt(Dp * Skp);
@@ -420,6 +454,7 @@ void BackwardRange(const Problem &p, const void *q, const void *k, const void *v
   std::vector<float> S(kBR * kBC), dP(kBR * kBC), T(kBC * kBR), valid(kBR * kBC), dK(kBC * Dp), dV(kBC * Dp);
   std::vector<float> km(Skp);
   const float scale = p.scale;
+  const bool shared_bias = kBias && p.Bb == 1;  // groups are (h, key tile), the batch loop runs inside
   int64_t loaded = -1;
   auto flush = [&]() {
     if (loaded < 0) return;
@@ -428,74 +463,114 @@ void BackwardRange(const Problem &p, const void *q, const void *k, const void *v
     for (int64_t i = 0; i < p.Sq; ++i)
       for (int64_t d = 0; d < p.D; ++d) dst[i * p.D + d] += dQ[i * Dp + d];
   };
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t head = t / n_ct, ct = t % n_ct;
-    if (head != loaded) {
-      flush();
-      LoadKeyMask(p, kmask, head / p.H, km.data());
-      LoadRows(q, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, Q.data());
-      LoadRows(dout, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, dO.data());
-      LoadRows(out, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, Ob.data());
-      LoadRows(k, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, K.data());
-      LoadRows(v, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, V.data());
-      PackTransposedTiles(K.data(), Skp, Dp, Kt.data());
-      PackTransposedTiles(V.data(), Skp, Dp, Vt.data());
-      for (int64_t i = 0; i < Sqp; ++i) {
-        L[i] = i < p.Sq ? lse[head * p.Sq + i] : kNegInf;
-        float acc = 0.0f;  // D_i = rowsum(dO_i * O_i)
-        for (int64_t d = 0; d < Dp; ++d) acc += dO[i * Dp + d] * Ob[i * Dp + d];
-        Dd[i] = acc;
-      }
-      std::fill(dQ.begin(), dQ.end(), 0.0f);
-      loaded = head;
-    }
-    const int64_t c0 = ct * kBC;
-    const int nc = static_cast<int>(std::min<int64_t>(kBC, p.Sk - c0));
-    const int ncr = static_cast<int>(RoundUp(nc, kNR));  // GEMM key rows/columns: skip a short tile's padding
-    std::fill(dK.begin(), dK.end(), 0.0f);
-    std::fill(dV.begin(), dV.end(), 0.0f);
-    int64_t rb, re;
-    p.QueryTileRange(c0, std::min(c0 + kBC, p.Sk), &rb, &re);
-    for (int64_t rt = rb; rt < re; ++rt) {
-      const int64_t r0 = rt * kBR;
-      const int nr = static_cast<int>(std::min<int64_t>(kBR, p.Sq - r0));
-      const int mr = static_cast<int>(RoundUp(nr, kMR));
-      const float *Qi = Q.data() + r0 * Dp;
-      const float *dOi = dO.data() + r0 * Dp;
-      std::fill(S.begin(), S.end(), 0.0f);
-      GemmAcc(mr, ncr, static_cast<int>(Dp), Qi, Dp, Kt.data() + ct * Dp * kBC, kBC, S.data(), kBC);  // (BR, BC)
-      std::fill(dP.begin(), dP.end(), 0.0f);
-      GemmAcc(mr, ncr, static_cast<int>(Dp), dOi, Dp, Vt.data() + ct * Dp * kBC, kBC, dP.data(), kBC);  // (BR, BC)
-      TileMask(p, km.data(), r0, nr, c0, valid.data());
-      for (int r = 0; r < kBR; ++r) {
-        float *sr = S.data() + r * kBC;   // becomes P
-        float *dpr = dP.data() + r * kBC; // becomes dS * scale
-        const float *vr = valid.data() + r * kBC;
-        if (r >= nr || L[r0 + r] == kNegInf) {
-          std::fill(sr, sr + kBC, 0.0f);
-          std::fill(dpr, dpr + kBC, 0.0f);
-          continue;
+  for (int64_t bi = 0; bi < BatchesPerGroup(p); ++bi) {
+    for (int64_t t = g_begin; t < g_end; ++t) {
+      const int64_t g = t / n_ct, ct = t % n_ct;
+      const int64_t head = shared_bias ? bi * p.H + g : g;
+      if (head != loaded) {
+        flush();
+        LoadKeyMask(p, kmask, head / p.H, km.data());
+        LoadRows(q, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, Q.data());
+        LoadRows(dout, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, dO.data());
+        LoadRows(out, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, Ob.data());
+        LoadRows(k, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, K.data());
+        LoadRows(v, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, V.data());
+        PackTransposedTiles(K.data(), Skp, Dp, Kt.data());
+        PackTransposedTiles(V.data(), Skp, Dp, Vt.data());
+        for (int64_t i = 0; i < Sqp; ++i) {
+          L[i] = i < p.Sq ? lse[head * p.Sq + i] : kNegInf;
+          float acc = 0.0f;  // D_i = rowsum(dO_i * O_i)
+          for (int64_t d = 0; d < Dp; ++d) acc += dO[i * Dp + d] * Ob[i * Dp + d];
+          Dd[i] = acc;
         }
-        const float li = L[r0 + r], di = Dd[r0 + r];
-        for (int c = 0; c < kBC; ++c) {
-          const float e = FastExp(sr[c] * scale - li);
-          const float pc = vr[c] != 0.0f ? e : 0.0f;
-          sr[c] = pc;
-          dpr[c] = pc * (dpr[c] - di) * scale;
+        std::fill(dQ.begin(), dQ.end(), 0.0f);
+        loaded = head;
+      }
+      const int64_t c0 = ct * kBC;
+      const int nc = static_cast<int>(std::min<int64_t>(kBC, p.Sk - c0));
+      const int ncr = static_cast<int>(RoundUp(nc, kNR));  // GEMM key rows/columns: skip a short tile's padding
+      int64_t rb, re;
+      p.QueryTileRange(c0, std::min(c0 + kBC, p.Sk), &rb, &re);
+      const float *bias_h = nullptr;
+      float *dbias_h = nullptr;
+      const bool first = bi == 0;  // first visit of this dbias strip: store, later batches accumulate
+      if constexpr (kBias) {
+        const int64_t off = p.BiasHead(head) * p.Sq * p.Sk;
+        bias_h = bias + off;
+        dbias_h = dbias + off;
+        if (first) {  // rows the structure skips get no store below: zero them
+          const int64_t lo = std::min(rb * kBR, p.Sq), hi = std::max(lo, std::min(re * kBR, p.Sq));
+          for (int64_t i = 0; i < p.Sq; ++i) {
+            if (i < lo || i >= hi) std::fill(dbias_h + i * p.Sk + c0, dbias_h + i * p.Sk + c0 + nc, 0.0f);
+          }
         }
       }
-      Transpose(mr, ncr, S.data(), kBC, T.data(), kBR);                                           // P^T (BC, BR)
-      GemmAcc(ncr, static_cast<int>(Dp), mr, T.data(), kBR, dOi, Dp, dV.data(), Dp);              // dV += P^T dO
-      GemmAcc(mr, static_cast<int>(Dp), ncr, dP.data(), kBC, K.data() + c0 * Dp, Dp,
-              dQ.data() + r0 * Dp, Dp);                                                            // dQ += dS K
-      Transpose(mr, ncr, dP.data(), kBC, T.data(), kBR);                                          // dS^T (BC, BR)
-      GemmAcc(ncr, static_cast<int>(Dp), mr, T.data(), kBR, Qi, Dp, dK.data(), Dp);               // dK += dS^T Q
-    }
-    for (int c = 0; c < nc; ++c) {
-      const int64_t row = head * p.Sk + c0 + c;
-      for (int64_t d = 0; d < p.D; ++d) {
-        StoreElem(dk, p.dt, row * p.D + d, dK[c * Dp + d]);
-        StoreElem(dv, p.dt, row * p.D + d, dV[c * Dp + d]);
+      std::fill(dK.begin(), dK.end(), 0.0f);
+      std::fill(dV.begin(), dV.end(), 0.0f);
+      for (int64_t rt = rb; rt < re; ++rt) {
+        const int64_t r0 = rt * kBR;
+        const int nr = static_cast<int>(std::min<int64_t>(kBR, p.Sq - r0));
+        const int mr = static_cast<int>(RoundUp(nr, kMR));
+        const float *Qi = Q.data() + r0 * Dp;
+        const float *dOi = dO.data() + r0 * Dp;
+        std::fill(S.begin(), S.end(), 0.0f);
+        GemmAcc(mr, ncr, static_cast<int>(Dp), Qi, Dp, Kt.data() + ct * Dp * kBC, kBC, S.data(), kBC);  // (BR, BC)
+        std::fill(dP.begin(), dP.end(), 0.0f);
+        GemmAcc(mr, ncr, static_cast<int>(Dp), dOi, Dp, Vt.data() + ct * Dp * kBC, kBC, dP.data(), kBC);  // (BR, BC)
+        TileMask(p, km.data(), r0, nr, c0, valid.data());
+        for (int r = 0; r < kBR; ++r) {
+          float *sr = S.data() + r * kBC;   // becomes P
+          float *dpr = dP.data() + r * kBC; // becomes dS * scale
+          const float *vr = valid.data() + r * kBC;
+          if (r >= nr || L[r0 + r] == kNegInf) {
+            std::fill(sr, sr + kBC, 0.0f);
+            std::fill(dpr, dpr + kBC, 0.0f);
+            if constexpr (kBias) {
+              if (r < nr && first) std::fill(dbias_h + (r0 + r) * p.Sk + c0, dbias_h + (r0 + r) * p.Sk + c0 + nc, 0.0f);
+            }
+            continue;
+          }
+          const float li = L[r0 + r], di = Dd[r0 + r];
+          if constexpr (kBias) {  // dS = P (dP - D) is also d bias; only the tile's nc real keys are read/written
+            const float *br = bias_h + (r0 + r) * p.Sk + c0;
+            float *dbr = dbias_h + (r0 + r) * p.Sk + c0;
+            for (int c = 0; c < nc; ++c) {
+              const float e = FastExp(sr[c] * scale + br[c] - li);
+              const float pc = vr[c] != 0.0f ? e : 0.0f;
+              const float ds = pc * (dpr[c] - di);
+              sr[c] = pc;
+              dpr[c] = ds;
+            }
+            if (first) {
+              for (int c = 0; c < nc; ++c) dbr[c] = dpr[c];
+            } else {
+              for (int c = 0; c < nc; ++c) dbr[c] += dpr[c];
+            }
+            for (int c = 0; c < nc; ++c) dpr[c] *= scale;
+            std::fill(sr + nc, sr + kBC, 0.0f);
+            std::fill(dpr + nc, dpr + kBC, 0.0f);
+          } else {
+            for (int c = 0; c < kBC; ++c) {
+              const float e = FastExp(sr[c] * scale - li);
+              const float pc = vr[c] != 0.0f ? e : 0.0f;
+              sr[c] = pc;
+              dpr[c] = pc * (dpr[c] - di) * scale;
+            }
+          }
+        }
+        Transpose(mr, ncr, S.data(), kBC, T.data(), kBR);                                           // P^T (BC, BR)
+        GemmAcc(ncr, static_cast<int>(Dp), mr, T.data(), kBR, dOi, Dp, dV.data(), Dp);              // dV += P^T dO
+        GemmAcc(mr, static_cast<int>(Dp), ncr, dP.data(), kBC, K.data() + c0 * Dp, Dp,
+                dQ.data() + r0 * Dp, Dp);                                                            // dQ += dS K
+        Transpose(mr, ncr, dP.data(), kBC, T.data(), kBR);                                          // dS^T (BC, BR)
+        GemmAcc(ncr, static_cast<int>(Dp), mr, T.data(), kBR, Qi, Dp, dK.data(), Dp);               // dK += dS^T Q
+      }
+      for (int c = 0; c < nc; ++c) {
+        const int64_t row = head * p.Sk + c0 + c;
+        for (int64_t d = 0; d < p.D; ++d) {
+          StoreElem(dk, p.dt, row * p.D + d, dK[c * Dp + d]);
+          StoreElem(dv, p.dt, row * p.D + d, dV[c * Dp + d]);
+        }
       }
     }
   }
@@ -537,18 +612,29 @@ bool Setup(int *ndims, int64_t **shapes, const char **dtypes, void **params, Pro
   return true;
 }
 
+// Checks the bias (index i): (1 or B, H, Sq, Sk) float32, and records its batch in p->Bb.
+bool SetupBias(int *ndims, int64_t **shapes, const char **dtypes, int i, Problem *p) {
+  if (ndims[i] != 4 || ParseDType(dtypes[i]) != DType::kF32) return false;
+  const int64_t *s = shapes[i];
+  if ((s[0] != 1 && s[0] != p->B) || s[1] != p->H || s[2] != p->Sq || s[3] != p->Sk) return false;
+  p->Bb = s[0];
+  return true;
+}
+
 }  // namespace
 
-// params: q, k, v, key_mask, params, out, lse
-FA_EXPORT int FlashAttentionFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  if (nparam != 7) return 1;
+namespace {
+
+// params: q, k, v, key_mask, params, [bias,] out, lse  (7 without a bias, 8 with one)
+int Forward(bool has_bias, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != (has_bias ? 8 : 7)) return 1;
   Problem p;
   if (!Setup(ndims, shapes, dtypes, params, &p)) return 2;
-  if (!SameShape(ndims[5], shapes[5], ndims[0], shapes[0]) || ParseDType(dtypes[5]) != p.dt) return 3;
-  if (ndims[6] != 3 || shapes[6][0] != p.B || shapes[6][1] != p.H || shapes[6][2] != p.Sq) return 3;
+  if (has_bias && !SetupBias(ndims, shapes, dtypes, 5, &p)) return 2;
+  const int io = has_bias ? 6 : 5;  // index of out; lse follows
+  if (!SameShape(ndims[io], shapes[io], ndims[0], shapes[0]) || ParseDType(dtypes[io]) != p.dt) return 3;
+  if (ndims[io + 1] != 3 || shapes[io + 1][0] != p.B || shapes[io + 1][1] != p.H || shapes[io + 1][2] != p.Sq)
+    return 3;
   const int64_t n_rt = p.Sqp / kBR;
   std::vector<double> cost(p.B * p.H * n_rt);
   for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
@@ -558,44 +644,52 @@ FA_EXPORT int FlashAttentionFwd(int nparam, void **params, int *ndims, int64_t *
     cost[t] = 1.0 + static_cast<double>(ce - cb);
   }
   const float *kmask = static_cast<const float *>(params[3]);
-  float *lse = static_cast<float *>(params[6]);
+  const float *bias = has_bias ? static_cast<const float *>(params[5]) : nullptr;
+  float *lse = static_cast<float *>(params[io + 1]);
   ParallelRanges(cost, [&](int64_t begin, int64_t end) {
-    ForwardRange(p, params[0], params[1], params[2], kmask, params[5], lse, begin, end);
+    if (has_bias) {
+      ForwardRange<true>(p, params[0], params[1], params[2], kmask, bias, params[io], lse, begin, end);
+    } else {
+      ForwardRange<false>(p, params[0], params[1], params[2], kmask, nullptr, params[io], lse, begin, end);
+    }
   });
   return 0;
 }
 
-// params: q, k, v, key_mask, params, out, dout, lse, dq, dk, dv
-FA_EXPORT int FlashAttentionBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  if (nparam != 11) return 1;
+// params: q, k, v, key_mask, params, [bias,] out, dout, lse, dq, dk, dv[, dbias]  (11 without a bias, 13 with)
+int Backward(bool has_bias, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != (has_bias ? 13 : 11)) return 1;
   Problem p;
   if (!Setup(ndims, shapes, dtypes, params, &p)) return 2;
-  for (int i : {5, 6, 8}) {
+  if (has_bias && !SetupBias(ndims, shapes, dtypes, 5, &p)) return 2;
+  const int o = has_bias ? 1 : 0;  // shift of the indices after the bias
+  for (int i : {5 + o, 6 + o, 8 + o}) {  // out, dout, dq
     if (!SameShape(ndims[i], shapes[i], ndims[0], shapes[0]) || ParseDType(dtypes[i]) != p.dt) return 3;
   }
-  for (int i : {9, 10}) {
+  for (int i : {9 + o, 10 + o}) {  // dk, dv
     if (!SameShape(ndims[i], shapes[i], ndims[1], shapes[1]) || ParseDType(dtypes[i]) != p.dt) return 3;
   }
-  if (ndims[7] != 3 || shapes[7][0] != p.B || shapes[7][1] != p.H || shapes[7][2] != p.Sq ||
-      ParseDType(dtypes[7]) != DType::kF32)
+  const int il = 7 + o;  // lse
+  if (ndims[il] != 3 || shapes[il][0] != p.B || shapes[il][1] != p.H || shapes[il][2] != p.Sq ||
+      ParseDType(dtypes[il]) != DType::kF32)
+    return 3;
+  if (has_bias && (!SameShape(ndims[12], shapes[12], ndims[5], shapes[5]) || ParseDType(dtypes[12]) != DType::kF32))
     return 3;
   const int64_t n_ct = p.Skp / kBC;
-  std::vector<double> cost(p.B * p.H * n_ct);
+  const int64_t per_group = BatchesPerGroup(p);
+  std::vector<double> cost(BackwardGroups(p));
   for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
     const int64_t c0 = (t % n_ct) * kBC;
     int64_t rb, re;
     p.QueryTileRange(c0, std::min(c0 + kBC, p.Sk), &rb, &re);
-    cost[t] = 1.0 + 2.5 * static_cast<double>(re - rb);
+    cost[t] = static_cast<double>(per_group) * (1.0 + 2.5 * static_cast<double>(re - rb));
   }
   // dq accumulates in float32 (the output itself when float32, a scratch buffer otherwise).
   const int64_t n_q = p.B * p.H * p.Sq * p.D;
   std::vector<float> dq_scratch;
   float *dq_acc;
   if (p.dt == DType::kF32) {
-    dq_acc = static_cast<float *>(params[8]);
+    dq_acc = static_cast<float *>(params[8 + o]);
   } else {
     dq_scratch.resize(n_q);
     dq_acc = dq_scratch.data();
@@ -603,13 +697,49 @@ FA_EXPORT int FlashAttentionBwd(int nparam, void **params, int *ndims, int64_t *
   std::fill(dq_acc, dq_acc + n_q, 0.0f);
   std::mutex dq_mutex;
   const float *kmask = static_cast<const float *>(params[3]);
-  const float *lse = static_cast<const float *>(params[7]);
+  const float *lse = static_cast<const float *>(params[il]);
+  void *out = params[5 + o], *dout = params[6 + o], *dk = params[9 + o], *dv = params[10 + o];
   ParallelRanges(cost, [&](int64_t begin, int64_t end) {
-    BackwardRange(p, params[0], params[1], params[2], kmask, params[5], params[6], lse, dq_acc, &dq_mutex,
-                  params[9], params[10], begin, end);
+    if (has_bias) {
+      BackwardRange<true>(p, params[0], params[1], params[2], kmask, static_cast<const float *>(params[5]), out,
+                          dout, lse, dq_acc, &dq_mutex, dk, dv, static_cast<float *>(params[12]), begin, end);
+    } else {
+      BackwardRange<false>(p, params[0], params[1], params[2], kmask, nullptr, out, dout, lse, dq_acc, &dq_mutex,
+                           dk, dv, nullptr, begin, end);
+    }
   });
   if (p.dt != DType::kF32) {
-    for (int64_t i = 0; i < n_q; ++i) StoreElem(params[8], p.dt, i, dq_acc[i]);
+    for (int64_t i = 0; i < n_q; ++i) StoreElem(params[8 + o], p.dt, i, dq_acc[i]);
   }
   return 0;
+}
+
+}  // namespace
+
+FA_EXPORT int FlashAttentionFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Forward(false, nparam, params, ndims, shapes, dtypes);
+}
+
+FA_EXPORT int FlashAttentionBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Backward(false, nparam, params, ndims, shapes, dtypes);
+}
+
+FA_EXPORT int FlashAttentionBiasFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Forward(true, nparam, params, ndims, shapes, dtypes);
+}
+
+FA_EXPORT int FlashAttentionBiasBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Backward(true, nparam, params, ndims, shapes, dtypes);
 }
