@@ -54,7 +54,20 @@ class RunConfig:
             check(m.arch in ("gpt", "glam"), "data.task", f"causal_lm needs a decoder-only arch, not '{m.arch}'")
         if d.task in ("mlm",):
             check(m.arch == "bert", "data.task", f"mlm needs arch 'bert', not '{m.arch}'")
-        check(d.task in ("reverse", "sort", "copy") or d.seq_length <= m.max_position_embeddings
+        if d.task == "span_corruption":
+            check(m.arch in ("transformer", "switch"), "data.task",
+                  f"span_corruption pre-trains an encoder-decoder arch (transformer, switch), not '{m.arch}'")
+            from ..data.span_corruption import span_corruption_lengths
+            n = span_corruption_lengths(d.seq_length, d.noise_density, d.mean_noise_span_length)
+            widest = max(n.inputs_length, n.targets_length)
+            check(widest <= m.max_position_embeddings or m.position_embedding in ("relative", "rotary", "none"),
+                  "data.seq_length", f"{d.seq_length} corrupts into inputs of {n.inputs_length} and targets of "
+                  f"{n.targets_length} tokens, more than model.max_position_embeddings={m.max_position_embeddings}")
+            # byte-level BPE: 256 byte symbols + <|pad|>, <|bos|>, <|endoftext|>
+            check(d.tokenizer is not None or m.vocab_size - d.num_sentinels >= 259, "model.vocab_size",
+                  f"{m.vocab_size} - data.num_sentinels={d.num_sentinels} leaves {m.vocab_size - d.num_sentinels} "
+                  f"ids for the byte-level BPE, which needs >= 259")
+        check(d.task in ("reverse", "sort", "copy", "span_corruption") or d.seq_length <= m.max_position_embeddings
               or m.position_embedding in ("relative", "rotary", "none"), "data.seq_length", f"{d.seq_length} > model.max_position_embeddings={m.max_position_embeddings}")
 
 

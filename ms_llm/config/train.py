@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 from .base import check, check_choice
 
 SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt")
-TASKS = ("reverse", "sort", "copy", "causal_lm", "mlm", "classification")
+TASKS = ("reverse", "sort", "copy", "causal_lm", "span_corruption", "mlm", "classification")
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: str = "causal_lm"               # reverse | sort | copy (seq2seq, generated) | causal_lm | mlm | classification
-    corpus: Optional[str] = None          # text file for causal_lm / mlm (None = the corpus shipped in the package)
+    task: str = "causal_lm"               # reverse | sort | copy (seq2seq, generated) | causal_lm | span_corruption
+    #                                       (T5 pre-training of transformer / switch) | mlm | classification
+    corpus: Optional[str] = None          # text file for causal_lm / span_corruption / mlm (None = the shipped corpus)
     tokenizer: Optional[str] = None       # vocab.txt (WordPiece), tokenizer.json, or a folder with vocab.json+merges.txt
-    seq_length: int = 32                  # tokens per training sequence (target side for seq2seq)
+    seq_length: int = 32                  # tokens per training sequence (span_corruption: per window, before corruption)
     src_length: int = 16                  # generated seq2seq: source tokens (content length, before BOS/EOS)
     min_length: int = 4                   # generated seq2seq: shortest content length
     num_train: int = 20000                # generated examples for training
@@ -73,6 +74,9 @@ class DataConfig:
     max_predictions_per_seq: int = 20     # BERT: fixed number of prediction slots per sequence
     whole_word_masking: bool = False      # BERT: mask all word pieces of a chosen word together
     nsp_probability: float = 0.5          # BERT: probability the second segment is a random one
+    noise_density: float = 0.15           # span_corruption: fraction of each window's tokens hidden (T5: 0.15)
+    mean_noise_span_length: float = 3.0   # span_corruption: mean length of a hidden span (T5: 3)
+    num_sentinels: int = 100              # span_corruption: sentinel ids reserved at the top of model.vocab_size (T5: 100)
     num_workers: int = 1                  # mindspore.dataset parallel workers
 
     def __post_init__(self):
@@ -85,6 +89,20 @@ class DataConfig:
               f"{self.min_length} > src_length={self.src_length}")
         check(0.0 < self.mlm_probability < 1.0, f"{k}.mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
         check(0.0 <= self.nsp_probability <= 1.0, f"{k}.nsp_probability", f"must be in [0, 1], got {self.nsp_probability}")
+        check(0.0 < self.noise_density < 1.0, f"{k}.noise_density", f"must be in (0, 1), got {self.noise_density}")
+        check(self.mean_noise_span_length >= 1.0, f"{k}.mean_noise_span_length",
+              f"must be >= 1, got {self.mean_noise_span_length}")
+        check(self.num_sentinels >= 1, f"{k}.num_sentinels", f"must be >= 1, got {self.num_sentinels}")
+        if self.task == "span_corruption":
+            from ..data.span_corruption import span_corruption_lengths
+            check(self.seq_length >= 2, f"{k}.seq_length", f"span corruption needs windows of >= 2 tokens, "
+                                                            f"got {self.seq_length}")
+            n = span_corruption_lengths(self.seq_length, self.noise_density, self.mean_noise_span_length)
+            check(n.num_spans <= self.num_sentinels, f"{k}.num_sentinels",
+                  f"{self.num_sentinels} < the {n.num_spans} noise spans of a window of seq_length={self.seq_length}")
+            check(n.num_spans <= self.seq_length - n.num_noise, f"{k}.noise_density",
+                  f"{self.noise_density} hides {n.num_noise} of {self.seq_length} tokens in {n.num_spans} spans, "
+                  f"leaving too few visible tokens to separate the spans (raise data.mean_noise_span_length)")
         import os
         for name in ("corpus", "tokenizer"):
             p = getattr(self, name)

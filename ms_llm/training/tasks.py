@@ -8,6 +8,7 @@ TASKS = {
     "sort": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
     "copy": ("ms_llm.training.seq2seq_task", "build_seq2seq_task"),
     "causal_lm": ("ms_llm.data.causal_lm", "build_causal_lm_task"),
+    "span_corruption": ("ms_llm.data.span_corruption", "build_span_corruption_task"),
     "mlm": ("ms_llm.data.bert", "build_mlm_task"),
     "classification": ("ms_llm.data.bert", "build_classification_task"),
 }
