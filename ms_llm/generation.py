@@ -22,6 +22,14 @@ in GPT-3's banded layers. With left padding the real tokens of a row occupy cons
 the causal and band rules of the full forward. Slots beyond ``t`` may hold stale keys/values of an earlier call: they
 are masked out. Greedy decoding without processors or per-step outputs reads only the in-graph argmax.
 
+The output head of both graphs (the decode step's projection and the prefill's last position) is chosen by
+``head_impl``: 'matmul' is the model's own MatMul (the one training uses), 'gemv' the weight-streaming GEMV of
+:mod:`ms_llm.kernels.gemv` (a C++ kernel on CPU, MatMul on Ascend), 'auto' (default) the GEMV on CPU for batches
+up to ``GEMV_MAX_BATCH`` (8) and MatMul otherwise. At batch 1 the head (768 x 50257 for GPT-2) is memory bound
+and MindSpore's CPU MatMul reads the weight at about half the bandwidth the GEMV reaches (bench/bench_gemv.py).
+Both give the same logits up to float32 summation order. Each head has its own pair of graphs per
+(batch, cache length); they share that shape's KV caches.
+
 Conventions followed (Hugging Face transformers 5.x ``GenerationMixin``):
 
 * batches of prompts are **left**-padded; ``attention_mask`` marks real tokens. Position ids are
@@ -48,6 +56,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from .kernels.gemv import make_gemv, select_head_impl
 from .models.outputs import ModelOutput
 
 _FROM_CONFIG = object()   # default of eos_token_id: the model config's eos id
@@ -83,15 +92,16 @@ class _Prefill(nn.Cell):
     """Prompt forward (B, P): writes every layer's keys/values into cache slots 0..P-1 (the rest zeroed) and
     returns the last position's logits (B, V). One graph per prompt length."""
 
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, head=None):
         super().__init__(auto_prefix=False)
         self.model = model
         self.k_caches = cache.keys
         self.v_caches = cache.values
         self.num_layers = len(cache.keys)
+        self.head = head                     # None: the model's own projection; else an x @ w^T cell (kernels/gemv)
 
     def construct(self, input_ids, attention_mask, position_ids):
-        logits, ks, vs = self.model.construct_prefill(input_ids, attention_mask, position_ids)
+        logits, ks, vs = self.model.construct_prefill(input_ids, attention_mask, position_ids, self.head)
         for i in range(self.num_layers):
             k = ks[i]
             b, nkv, p, hd = k.shape
@@ -106,25 +116,40 @@ class _Prefill(nn.Cell):
 class _DecodeStep(nn.Cell):
     """One token per sequence (B, 1) against the caches, written in place: (logits (B, V), greedy ids (B,))."""
 
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, head=None):
         super().__init__(auto_prefix=False)
         self.model = model
         self.k_caches = cache.keys
         self.v_caches = cache.values
+        self.head = head                     # None: the model's own projection; else an x @ w^T cell (kernels/gemv)
         self.argmax = ops.Argmax(axis=-1, output_type=ms.int32)
 
     def construct(self, input_ids, position_ids, dense_mask, band_mask, cache_index):
         logits = self.model.construct_decode(input_ids, position_ids, dense_mask, band_mask, cache_index,
-                                             self.k_caches, self.v_caches)   # (B, V)
+                                             self.k_caches, self.v_caches, self.head)   # (B, V)
         return logits, self.argmax(logits)                                   # (B, V), (B,)
 
 
-def _steps(model, batch: int, cache_len: int):
-    """The (prefill, decode) cells of ``model`` for one (batch, cache length), sharing one :class:`KVCache`.
+class _Steps(tuple):
+    """The ``(prefill, decode)`` cells of one (batch, cache length) for the head implementation used last (a tuple,
+    so ``prefill, decode = table[(b, L)]``); ``by_head`` maps every head implementation built for this shape
+    ('matmul' / 'gemv') to its pair, all sharing ``cache``."""
+
+    def __new__(cls, pair, by_head: dict, cache: KVCache):
+        self = super().__new__(cls, pair)
+        self.by_head = by_head
+        self.cache = cache
+        return self
+
+
+def _steps(model, batch: int, cache_len: int, head_impl: str = "matmul"):
+    """The (prefill, decode) cells of ``model`` for one (batch, cache length) and output head ('matmul': the
+    model's projection, 'gemv': :class:`~ms_llm.kernels.gemv.Gemv`), sharing one :class:`KVCache` per shape.
 
     Built on first use and kept, outside the Cell tree (not sub-cells, so the caches are not model parameters), in
-    a small per-model dict, least recently used first out beyond ``MAX_CACHED_SHAPES`` entries. Each decode cell
-    compiles once; later ``generate`` calls with the same (batch, cache length) reuse its graph.
+    a small per-model dict keyed by (batch, cache length), least recently used first out beyond
+    ``MAX_CACHED_SHAPES`` entries. Each decode cell compiles once; later ``generate`` calls with the same
+    (batch, cache length, head) reuse its graph.
     """
     table = model.__dict__.get("_ms_llm_generation_steps")
     if table is None:
@@ -135,9 +160,15 @@ def _steps(model, batch: int, cache_len: int):
     if steps is None:
         cfg = model.cfg
         cache = KVCache(cfg.num_layers, batch, cfg.kv_heads, cache_len, cfg.dim_per_head)
-        steps = (_Prefill(model, cache), _DecodeStep(model, cache))
+        by_head = {}
         while len(table) >= MAX_CACHED_SHAPES:
             table.pop(next(iter(table)))
+    else:
+        cache, by_head = steps.cache, steps.by_head
+    if head_impl not in by_head:
+        head = None if head_impl == "matmul" else make_gemv(head_impl)
+        by_head[head_impl] = (_Prefill(model, cache, head), _DecodeStep(model, cache, head))
+    steps = _Steps(by_head[head_impl], by_head, cache)
     table[key] = steps                                                       # most recently used last
     return steps
 
@@ -234,13 +265,15 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
              eos_token_id: Union[int, Sequence[int], None] = _FROM_CONFIG, pad_token_id: Optional[int] = None,
              min_new_tokens: int = 0, seed: Optional[int] = None, cache_multiple: int = 64,
              return_dict_in_generate: bool = False, output_scores: bool = False, output_logits: bool = False,
-             streamer=None, prefill: str = "auto"):
+             streamer=None, prefill: str = "auto", head_impl: str = "auto"):
     """Generate continuations of ``input_ids`` (B, P) with a static KV cache; see the module docstring.
 
     ``eos_token_id`` defaults to ``model.cfg.eos_token_id`` (pass ``None`` for no stop token), ``pad_token_id`` to
     ``model.cfg.pad_token_id``. ``seed`` seeds the sampler (numpy). ``streamer`` is any object with ``put(ids)`` and
     ``end()`` (Hugging Face's streamer interface): it receives the prompt, then each step's new tokens (B,).
     ``prefill``: 'forward' (one graph over the prompt), 'step' (the prompt through the decode graph) or 'auto'.
+    ``head_impl``: the output projection of the generation graphs, 'matmul', 'gemv' or 'auto' (the GEMV on CPU for
+    batches up to 8, else MatMul; see the module docstring and :func:`ms_llm.kernels.gemv.select_head_impl`).
     """
     cfg = model.cfg
     ids = _as_numpy_ids(input_ids, "input_ids")                               # (B, P)
@@ -281,10 +314,11 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
         raise ValueError(f"prefill must be 'auto', 'step' or 'forward', got {prefill!r}")
     if prefill == "auto":
         prefill = "step" if p <= STEP_PREFILL_MAX else "forward"
+    head_impl = select_head_impl(head_impl, b)                                # ValueError on an unknown name
 
     was_training = model.training
     model.set_train(False)
-    prefill_cell, step_cell = _steps(model, b, cache_len)
+    prefill_cell, step_cell = _steps(model, b, cache_len, head_impl)
     slots = np.arange(cache_len)
     band = cfg.band_width if cfg.attention_pattern == "alternating_banded" else 0
     valid = np.zeros((b, cache_len), np.float32)                              # slots holding real tokens

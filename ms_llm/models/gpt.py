@@ -239,14 +239,32 @@ class GPTLMHeadModel(NamedOutputs, nn.Cell):
                 value = rng.normal(0.0, std, size=shape)
             p.set_data(Tensor(value.astype(np_dtype(p.dtype))))
 
-    def project(self, x):
-        """Hidden states (B, S, H) -> float32 logits (B, S, V)."""
+    def project(self, x, head=None):
+        """Hidden states (B, S, H) -> float32 logits (B, S, V).
+
+        ``head`` (generation only; None in training and ``construct``) is a cell computing ``x2d (N, H) @ w (V, H)^T``
+        -- :class:`~ms_llm.kernels.gemv.Gemv` for ``generate(head_impl='gemv')`` -- used instead of the model's own
+        MatMul on the tied embedding, or on the ``lm_head`` weight (``Linear`` stores it ``(out, in) = (V, H)``, the
+        layout the GEMV reads) with ``lm_head``'s compute/output dtypes and bias, so both heads give the same logits
+        up to float32 summation order.
+        """
         b, s, h = x.shape
         if self.tie:
             w = self.cast(self.decoder.embed_tokens.weight, self.compute_dtype)
-            logits = self.logits_matmul(self.cast(ops.reshape(x, (b * s, h)), self.compute_dtype), w)   # (B*S, V)
+            x2 = self.cast(ops.reshape(x, (b * s, h)), self.compute_dtype)           # (B*S, H)
+            if head is None:
+                logits = self.logits_matmul(x2, w)                                    # (B*S, V)
+            else:
+                logits = head(x2, w)                                                  # (B*S, V)
             return self.cast(ops.reshape(logits, (b, s, -1)), ms.float32)  # (B, S, V)
-        return self.cast(self.lm_head(x), ms.float32)                       # (B, S, V)
+        if head is None:
+            return self.cast(self.lm_head(x), ms.float32)                   # (B, S, V)
+        lm = self.lm_head
+        x2 = self.cast(ops.reshape(x, (b * s, h)), lm.compute_dtype)                  # (B*S, H)
+        logits = self.cast(head(x2, self.cast(lm.weight, lm.compute_dtype)), lm.out_dtype)   # (B*S, V)
+        if lm.has_bias:
+            logits = logits + self.cast(lm.bias, lm.out_dtype)                        # (B*S, V)
+        return self.cast(ops.reshape(logits, (b, s, -1)), ms.float32)      # (B, S, V)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
         x, aux = self.decoder(input_ids, attention_mask, position_ids)     # (B, S, H)
@@ -255,17 +273,20 @@ class GPTLMHeadModel(NamedOutputs, nn.Cell):
             return logits, aux
         return logits
 
-    def construct_prefill(self, input_ids, attention_mask, position_ids):
-        """Prompt forward for generation: last-position logits (B, V) and every layer's keys/values."""
+    def construct_prefill(self, input_ids, attention_mask, position_ids, head=None):
+        """Prompt forward for generation: last-position logits (B, V) and every layer's keys/values. ``head``: see
+        :meth:`project`."""
         x, ks, vs = self.decoder.construct_prefill(input_ids, attention_mask, position_ids)
-        logits = self.project(x[:, -1:])                                    # (B, 1, V)
+        logits = self.project(x[:, -1:], head)                              # (B, 1, V)
         return ops.reshape(logits, (logits.shape[0], logits.shape[2])), ks, vs   # (B, V)
 
-    def construct_decode(self, input_ids, position_ids, dense_mask, band_mask, cache_index, k_caches, v_caches):
-        """One decoding step: logits (B, V) of the new tokens; the cache Parameters are updated in place."""
+    def construct_decode(self, input_ids, position_ids, dense_mask, band_mask, cache_index, k_caches, v_caches,
+                         head=None):
+        """One decoding step: logits (B, V) of the new tokens; the cache Parameters are updated in place. ``head``:
+        see :meth:`project`."""
         x = self.decoder.construct_decode(input_ids, position_ids, dense_mask, band_mask, cache_index, k_caches,
                                           v_caches)                          # (B, 1, H)
-        logits = self.project(x)                                            # (B, 1, V)
+        logits = self.project(x, head)                                      # (B, 1, V)
         # a reshape, not logits[:, 0]: CPU StridedSlice over (B, 1, V) cost ~22 ms per step at B=8, V=50257
         return ops.reshape(logits, (logits.shape[0], logits.shape[2]))      # (B, V)
 
