@@ -93,11 +93,13 @@ def _compiler_version(cxx: str) -> str:
 
 def library_path(source: str, isa: str = "auto", cache_root: str | os.PathLike | None = None,
                  cxx: str = "g++") -> Path:
-    """Where the library for ``csrc/<source>`` with these settings lives (built or not)."""
+    """Where the library for ``csrc/<source>`` with these settings lives (built or not). The cache key covers the
+    source, the shared headers ``csrc/*.h`` it may include, the compiler version and the flags."""
     src = CSRC_DIR / source
     flags = BASE_FLAGS + ISA_FLAGS[resolve_isa(isa)]
     digest = hashlib.sha256()
-    for part in (src.read_bytes(), _compiler_version(cxx).encode(), " ".join(flags).encode()):
+    headers = [h.read_bytes() for h in sorted(CSRC_DIR.glob("*.h"))]
+    for part in (src.read_bytes(), *headers, _compiler_version(cxx).encode(), " ".join(flags).encode()):
         digest.update(part)
         digest.update(b"\0")
     root = Path(cache_root) if cache_root is not None else default_cache_root()

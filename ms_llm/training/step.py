@@ -48,6 +48,27 @@ def _zero_one(buf):
     return ops.assign(buf, ops.zeros_like(buf))
 
 
+class ClipAndApply(nn.Cell):
+    """construct(grads, lr) -> (finite, norm): global L2 norm of ``grads``, clip to ``clip`` (if > 0), then the
+    optimizer update unless the norm is inf/NaN (the one update rule of both step paths)."""
+
+    def __init__(self, optimizer, clip: float):
+        super().__init__(auto_prefix=False)
+        self.optimizer = optimizer
+        self.clip = float(clip)
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, grads, lr):
+        norm = ops.sqrt(ops.addn(self.hyper_map(_sum_squares, grads)))
+        finite = ops.isfinite(norm)
+        if self.clip > 0:
+            coef = ops.minimum(self.clip / (norm + 1e-6), 1.0)
+            grads = self.hyper_map(ops.partial(_scale, coef), grads)
+        if finite:
+            self.optimizer(grads, lr)
+        return finite, norm
+
+
 class FusedStep(nn.Cell):
     """One micro-batch, no loss scaling: loss, gradients, global-norm clip and AdamW in one graph, without the
     accumulation buffers (no add-into-buffer, unscale or zeroing passes over every parameter)."""
@@ -56,21 +77,13 @@ class FusedStep(nn.Cell):
         super().__init__(auto_prefix=False)
         self.loss_net = loss_net
         self.params = ParameterTuple(params)
-        self.optimizer = optimizer
-        self.clip = float(clip)
+        self.update = ClipAndApply(optimizer, clip)
         self.grad = ops.GradOperation(get_by_list=True)
-        self.hyper_map = ops.HyperMap()
 
     def construct(self, lr, *inputs):
         loss = self.loss_net(*inputs)
         grads = self.grad(self.loss_net, self.params)(*inputs)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_sum_squares, grads)))
-        finite = ops.isfinite(norm)
-        if self.clip > 0:
-            coef = ops.minimum(self.clip / (norm + 1e-6), 1.0)
-            grads = self.hyper_map(ops.partial(_scale, coef), grads)
-        if finite:
-            self.optimizer(grads, lr)
+        finite, norm = self.update(grads, lr)
         return loss, finite, norm
 
 
@@ -99,12 +112,11 @@ class ApplyGrads(nn.Cell):
     def __init__(self, optimizer, accum, loss_scale, good_steps, micro_batches: int, clip: float,
                  dynamic_scale: bool, factor: float, window: int):
         super().__init__(auto_prefix=False)
-        self.optimizer = optimizer
         self.accum = accum
         self.loss_scale = loss_scale
         self.good_steps = good_steps
         self.k = float(micro_batches)
-        self.clip = float(clip)
+        self.update = ClipAndApply(optimizer, clip)
         self.dynamic = dynamic_scale
         self.factor = float(factor)
         self.window = float(window)
@@ -113,13 +125,7 @@ class ApplyGrads(nn.Cell):
     def construct(self, lr):
         inv = 1.0 / (self.k * self.loss_scale)
         grads = self.hyper_map(ops.partial(_scale, inv), self.accum)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_sum_squares, grads)))
-        finite = ops.isfinite(norm)
-        if self.clip > 0:
-            coef = ops.minimum(self.clip / (norm + 1e-6), 1.0)
-            grads = self.hyper_map(ops.partial(_scale, coef), grads)
-        if finite:
-            self.optimizer(grads, lr)
+        finite, norm = self.update(grads, lr)
         finite = ops.depend(finite, self.hyper_map(_zero, self.accum))
         if self.dynamic:
             good = ops.select(finite, self.good_steps + 1.0, ops.zeros_like(self.good_steps))

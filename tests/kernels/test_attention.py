@@ -29,14 +29,6 @@ F16_TOL = 2e-3
 ON_ASCEND = ms.get_context("device_target") == "Ascend"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
 # ----------------------------------------------------------------------------- independent numpy transcription
 def np_visible(key_mask, sq, sk, causal, band_width):
     """(B, 1, Sq, Sk) bool, written from the contract: key j visible to query i."""

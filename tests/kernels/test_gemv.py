@@ -34,21 +34,6 @@ ON_CPU = ms.get_context("device_target") == "CPU"
 F32_TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
-@pytest.fixture
-def pynative():
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=ms.GRAPH_MODE)
-
-
 def _inputs(b, h, v, dtype=np.float32, seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((b, h)) * 0.5).astype(dtype)

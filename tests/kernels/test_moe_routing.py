@@ -40,21 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 INT_FIELDS = ("expert_index", "position", "kept", "slot_token")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
-@pytest.fixture
-def pynative():
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=ms.GRAPH_MODE)
-
-
 # ----------------------------------------------------------------------------- independent numpy transcription
 def np_route(probs, k, capacity, normalize):
     """GShard routing per group, written loop by loop from the contract (float64).

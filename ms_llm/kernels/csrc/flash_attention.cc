@@ -41,6 +41,8 @@
 #include <thread>
 #include <vector>
 
+#include "kernel_common.h"
+
 #define FA_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -57,61 +59,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// ---------------------------------------------------------------- float16 <-> float32 (IEEE binary16)
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t man = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      exp = 127 - 15 + 1;
-      while ((man & 0x400u) == 0) {
-        man <<= 1;
-        --exp;
-      }
-      man &= 0x3ffu;
-      bits = sign | (exp << 23) | (man << 13);
-    }
-  } else if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint16_t FloatToHalf(float f) {  // round to nearest even
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) {  // inf or nan
-    return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
-  }
-  if (ax >= 0x477ff000u) {  // rounds to >= 65520: overflow to inf
-    return static_cast<uint16_t>(sign | 0x7c00u);
-  }
-  if (ax < 0x38800000u) {  // below the smallest normal half: subnormal or zero
-    if (ax < 0x33000000u) return sign;  // < 2^-25 rounds to zero
-    const uint32_t e = ax >> 23;
-    const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126 - e;  // 14 + (113 - e)
-    uint32_t half_m = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1u);
-    const uint32_t halfway = 1u << (shift - 1);
-    if (rem > halfway || (rem == halfway && (half_m & 1u))) ++half_m;
-    return static_cast<uint16_t>(sign | half_m);
-  }
-  uint32_t h = ((ax >> 23) - 127 + 15) << 10 | ((ax >> 13) & 0x3ffu);
-  const uint32_t rem = ax & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: correct
-  return static_cast<uint16_t>(sign | h);
-}
+using ms_llm_kernels::FloatToHalf;
+using ms_llm_kernels::HalfToFloat;
 
 enum class DType { kF32, kF16, kBad };
 
@@ -281,16 +230,7 @@ struct Problem {
   }
 };
 
-int NumThreads() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
-  const unsigned hc = std::thread::hardware_concurrency();
-  return hc > 0 ? static_cast<int>(hc) : 1;
-}
+using ms_llm_kernels::NumThreads;
 
 // Split tasks (with costs) into at most n_threads contiguous ranges of about equal cost; run fn(begin, end).
 template <typename Fn>

@@ -27,6 +27,8 @@
 #include <thread>
 #include <vector>
 
+#include "kernel_common.h"
+
 #define MR_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -34,16 +36,7 @@ namespace {
 constexpr int kMaxK = 64;                 // top-k list kept on the stack
 constexpr int64_t kMinWorkPerThread = 1 << 17;  // probabilities read (pass 1) or choices walked (pass 2)
 
-int NumThreads() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
-  const unsigned hc = std::thread::hardware_concurrency();
-  return hc > 0 ? static_cast<int>(hc) : 1;
-}
+using ms_llm_kernels::NumThreads;
 
 // Run fn(begin, end) over [0, n) in contiguous ranges; `work` is the total cost, one thread per kMinWorkPerThread.
 template <typename Fn>
