@@ -152,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "config", "unset") is None:
+    config = getattr(args, "config", "unset")
+    if config is not None and config != "unset" and "=" in config and not os.path.exists(config):
+        args.overrides = [config] + list(args.overrides)    # `ms-llm train key=value ...`: overrides only
+        config = None
+    if config is None:
         args.config = os.path.normpath(DEFAULT_CONFIG)
     from .config import ConfigError
     try:

@@ -30,6 +30,14 @@ def test_config_error_is_reported_before_any_graph(capsys):
     assert "unknown key 'model.hiden_size' (did you mean 'hidden_size'?)" in capsys.readouterr().err
 
 
+def test_train_with_overrides_only_uses_the_default_config(capsys):
+    """`ms-llm train key=value` (as `bash scripts/quickstart.sh train.steps=60`): the first argument is an override
+    of the default tiny GPT config, not a config path."""
+    rc = main(["train", "model.hiden_size=3"])
+    assert rc == 2
+    assert "unknown key 'model.hiden_size' (did you mean 'hidden_size'?)" in capsys.readouterr().err
+
+
 def test_plan_prints_ranked_layouts(capsys):
     rc = main(["plan", "--model", os.path.join(ROOT, "configs", "transformer", "base.yaml"), "--devices", "8",
                "--device-type", "910B", "--top", "2"])
