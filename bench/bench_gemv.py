@@ -125,22 +125,10 @@ def torch_setup_head(name: str, batch: int, warmup: int = 3):
 
 
 def torch_setup_generate(name: str, batch: int, prompt: int, new_tokens: int):
-    import numpy as np
-    import torch
-    from worker_hf import _model
+    from worker_hf import _model, generate_fn
     if "gen_model" not in STATE:
         STATE["gen_model"] = _model("gpt", GEN_MODEL, train=False)
-    net = STATE["gen_model"]
-    ids = torch.from_numpy(np.random.default_rng(1).integers(3, VOCAB, (batch, prompt)))
-    mask = torch.ones_like(ids)
-
-    def run():
-        with torch.inference_mode():
-            out = net.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, pad_token_id=0)
-        if tuple(out.shape) != (batch, prompt + new_tokens):
-            raise RuntimeError(f"generate returned {tuple(out.shape)}")
-        return out
+    run = generate_fn(STATE["gen_model"], VOCAB, batch, prompt, new_tokens)
     first = time_calls(run, 1)[0]
     STATE[name] = run
     return {"first_call_s": first}

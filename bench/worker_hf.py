@@ -136,11 +136,10 @@ def profile(steps: int, out_dir: str = ""):
             "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])[:40])}
 
 
-def setup_generate(model: dict, batch: int, prompt: int, new_tokens: int, warmup: int,
-                   attention_impl: str = "reference"):
+def generate_fn(net, vocab_size: int, batch: int, prompt: int, new_tokens: int):
+    """A call of HF ``generate``: greedy, exactly ``new_tokens`` new tokens after a seeded random prompt."""
     import torch
-    net = _model("gpt", model, train=False)
-    ids = torch.from_numpy(np.random.default_rng(1).integers(3, model["vocab_size"], (batch, prompt)))
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, vocab_size, (batch, prompt)))
     mask = torch.ones_like(ids)
 
     def run():
@@ -150,6 +149,12 @@ def setup_generate(model: dict, batch: int, prompt: int, new_tokens: int, warmup
         if tuple(out.shape) != (batch, prompt + new_tokens):
             raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {(batch, prompt + new_tokens)}")
         return out
+    return run
+
+
+def setup_generate(model: dict, batch: int, prompt: int, new_tokens: int, warmup: int,
+                   attention_impl: str = "reference"):
+    run = generate_fn(_model("gpt", model, train=False), model["vocab_size"], batch, prompt, new_tokens)
     first = time_calls(run, 1)[0]
     time_calls(run, max(0, warmup - 1))
     STATE["run"] = run
