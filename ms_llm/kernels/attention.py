@@ -122,6 +122,16 @@ def _visible_mask(key_mask, sq, sk, causal, band_width):
     return visible
 
 
+def _check_call(head_dim, has_bias, q, k, v, key_mask, bias):
+    """Every check of a core's call (shapes, dtypes, the bias against ``has_bias``), before compilation."""
+    _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, head_dim)
+    _check_dtypes(q.dtype, k.dtype, v.dtype)
+    if bias is None:
+        _check_bias(has_bias, False, q.shape, k.shape, (), None)
+    else:
+        _check_bias(has_bias, True, q.shape, k.shape, bias.shape, bias.dtype)
+
+
 def _check_has_bias(has_bias):
     if not isinstance(has_bias, bool):
         raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
@@ -143,12 +153,7 @@ class ReferenceAttention(nn.Cell):
         self.pv = ops.BatchMatMul()
 
     def construct(self, q, k, v, key_mask, bias=None):
-        _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, self.head_dim)
-        _check_dtypes(q.dtype, k.dtype, v.dtype)
-        if bias is None:
-            _check_bias(self.has_bias, False, q.shape, k.shape, (), None)
-        else:
-            _check_bias(self.has_bias, True, q.shape, k.shape, bias.shape, bias.dtype)
+        _check_call(self.head_dim, self.has_bias, q, k, v, key_mask, bias)
         sq = q.shape[2]
         sk = k.shape[2]
         scores = ops.cast(self.qk(q, k), mstype.float32) * self.scale       # (B, nh, Sq, Sk)
@@ -320,12 +325,9 @@ class FusedAttention(nn.Cell):
                              f"use make_attention('reference', ...) there")
 
     def construct(self, q, k, v, key_mask, bias=None):
-        _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, self.head_dim)
-        _check_dtypes(q.dtype, k.dtype, v.dtype)
+        _check_call(self.head_dim, self.has_bias, q, k, v, key_mask, bias)
         if bias is None:
-            _check_bias(self.has_bias, False, q.shape, k.shape, (), None)
             return self.impl(q, k, v, key_mask)
-        _check_bias(self.has_bias, True, q.shape, k.shape, bias.shape, bias.dtype)
         return self.impl(q, k, v, key_mask, bias)
 
 

@@ -86,8 +86,6 @@ def _check_config(num_experts, top_k, normalize):
             raise ValueError(f"moe routing: {name} must be a positive int, got {value!r}")
     if top_k > num_experts:
         raise ValueError(f"moe routing: top_k={top_k} is greater than num_experts={num_experts}")
-    if top_k > _MAX_TOP_K:
-        raise ValueError(f"moe routing: top_k={top_k} is above the supported maximum {_MAX_TOP_K}")
     if not isinstance(normalize, bool):
         raise ValueError(f"moe routing: normalize must be a bool, got {normalize!r}")
 
@@ -117,8 +115,8 @@ def _normalized(gates, normalize):
     return gates
 
 
-class ReferenceMoERouting(nn.Cell):
-    """The composite routing of :mod:`ms_llm.moe.router` (topk, one-hot cumulative sum, scatter_nd)."""
+class _MoERouting(nn.Cell):
+    """The checked configuration both routing cells share."""
 
     def __init__(self, num_experts: int, top_k: int, normalize: bool = False):
         super().__init__()
@@ -126,6 +124,10 @@ class ReferenceMoERouting(nn.Cell):
         self.num_experts = num_experts
         self.k = top_k
         self.normalize = normalize
+
+
+class ReferenceMoERouting(_MoERouting):
+    """The composite routing of :mod:`ms_llm.moe.router` (topk, one-hot cumulative sum, scatter_nd)."""
 
     def construct(self, probs, capacity):
         _check_inputs(probs.shape, probs.dtype, self.num_experts, self.k, capacity)
@@ -201,18 +203,16 @@ class _AscendMoERouting(nn.Cell):
         return expert_index, position, kept, slot_token, slot_choice
 
 
-class FusedMoERouting(nn.Cell):
+class FusedMoERouting(_MoERouting):
     """The integer routing in one op (C++ aot kernel on CPU, ``ops.moe_init_routing_v2`` on Ascend A2/A3), the
     differentiable gates and slot weights gathered from ``probs``; same contract as :class:`ReferenceMoERouting`.
     The device (and Ascend SoC) is read when the cell is constructed; ``self.backend`` says what runs
     (:func:`select_backend`)."""
 
     def __init__(self, num_experts: int, top_k: int, normalize: bool = False):
-        super().__init__()
-        _check_config(num_experts, top_k, normalize)
-        self.num_experts = num_experts
-        self.k = top_k
-        self.normalize = normalize
+        super().__init__(num_experts, top_k, normalize)
+        if top_k > _MAX_TOP_K:
+            raise ValueError(f"moe routing: top_k={top_k} is above the supported maximum {_MAX_TOP_K}")
         device = ms.get_context("device_target")
         self.backend = select_backend(device, _ascend_soc_version() if device == "Ascend" else "")
         if self.backend == "cpu_kernel":

@@ -198,10 +198,10 @@ class TopKRouter(Router):
     divided by their sum (before capacity drops, as GShard). ``second_expert_policy='sampling'`` (GShard, training
     only) keeps the second choice with probability min(1, 2 * g2), g2 its normalised gate.
 
-    ``moe.router_impl='fused'`` computes top-k, capacity positions and slots with
-    :class:`ms_llm.kernels.moe_routing.FusedMoERouting` (one C++ pass on CPU, built-in MoE ops on Ascend) instead of
-    the composite ops; outputs and gradients are identical. The sampling policy keeps the composite while training
-    (its random second-choice mask is not part of the fused op).
+    Top-k, capacity positions and slots come from the routing cell named by ``moe.router_impl``
+    (:func:`ms_llm.kernels.moe_routing.make_moe_routing`): 'reference' is the composite ops of this module, 'fused'
+    one C++ pass on CPU (built-in MoE ops on Ascend); outputs and gradients are identical. The sampling policy keeps
+    the composite while training (its random second-choice mask is not part of the routing cells).
     """
 
     def __init__(self, cfg):
@@ -213,10 +213,8 @@ class TopKRouter(Router):
         self.normalize = m.normalize_top_k and m.top_k > 1
         self.sampling = m.second_expert_policy == "sampling"
         self.uniform = ops.UniformReal()
-        self.fused = m.router_impl == "fused"
-        if self.fused:
-            from ..kernels.moe_routing import FusedMoERouting   # not at the top: that module imports this one
-            self.routing = FusedMoERouting(m.num_experts, m.top_k, self.normalize)
+        from ..kernels.moe_routing import make_moe_routing   # not at the top: that module imports this one
+        self.routing = make_moe_routing(m.router_impl, m.num_experts, m.top_k, self.normalize)
 
     def gate_stats(self, expert_index, chosen, requested):
         """Dense gates G(x) (G, T, E) for the importance loss and the unweighted load loss from the choices."""
@@ -233,23 +231,19 @@ class TopKRouter(Router):
         logits = self.gate(x)                                                      # (G, T, E)
         probs = ops.softmax(logits, -1)                                            # (G, T, E)
         capacity = self.capacity(x.shape[1])
-        if self.fused and not (self.sampling and self.training):
+        if not (self.sampling and self.training):
             expert_index, chosen, position, kept, slot_token, slot_weight = self.routing(probs, capacity)
             requested = ops.ones_like(kept)                                        # (G, T, k)
             gates_dense, load = self.gate_stats(expert_index, chosen, requested)
             return self.token_choice_outputs(probs, logits, gates_dense, expert_index, position, kept,
                                              chosen * kept, load, capacity, requested, (slot_token, slot_weight))
-        if self.sampling and self.training:
-            gates, expert_index = ops.topk(probs, 2)                               # (G, T, 2)
-            second = gates[:, :, 1:] / ops.sum(gates, -1, keepdim=True)            # (G, T, 1)
-            keep2 = ops.cast(self.uniform(second.shape) < 2.0 * second, ms.float32)   # (G, T, 1)
-            requested = ops.concat((ops.ones_like(keep2), keep2), -1)              # (G, T, 2)
-            position, kept = assign_positions(expert_index, self.num_experts, capacity, requested)
-            combine = gates * kept                                                 # (G, T, 2)
-        else:
-            expert_index, combine, position, kept = route_topk_grouped(probs, self.k, capacity)
-            requested = ops.ones_like(kept)                                        # (G, T, k)
-        chosen = ops.gather_elements(probs, 2, expert_index)                       # (G, T, k)
+        gates, expert_index = ops.topk(probs, 2)                                   # (G, T, 2)
+        second = gates[:, :, 1:] / ops.sum(gates, -1, keepdim=True)                # (G, T, 1)
+        keep2 = ops.cast(self.uniform(second.shape) < 2.0 * second, ms.float32)    # (G, T, 1)
+        requested = ops.concat((ops.ones_like(keep2), keep2), -1)                  # (G, T, 2)
+        position, kept = assign_positions(expert_index, self.num_experts, capacity, requested)
+        combine = gates * kept                                                     # (G, T, 2)
+        chosen = ops.gather_elements(probs, 2, expert_index)                       # (G, T, 2)
         if self.normalize:
             denom = ops.sum(chosen, -1, keepdim=True)                              # (G, T, 1)
             combine = combine / denom
