@@ -75,19 +75,19 @@ class TransformerBlock(nn.Cell):
             x = self.ffn_norm(x + self.drop(y))
         return x, k, v
 
-    def construct_decode(self, x, positions, key_mask, cache_index, k_cache, v_cache):
+    def construct_decode(self, x, positions, key_mask, slot, k_cache, v_cache):
         """One token per sequence (x (B, 1, H)) against this layer's KV cache Parameters, which are updated in place;
         see Attention.construct_decode. Returns the hidden state (B, 1, H)."""
         if self.has_cross:
             raise ValueError("TransformerBlock.construct_decode: KV-cache decoding supports decoder-only blocks "
                              "(no cross-attention)")
         if self.pre_norm:
-            a = self.self_attn.construct_decode(self.attn_norm(x), positions, key_mask, cache_index, k_cache, v_cache)
+            a = self.self_attn.construct_decode(self.attn_norm(x), positions, key_mask, slot, k_cache, v_cache)
             x = x + self.drop(a)
             y, _ = self.run_ffn(self.ffn_norm(x))
             x = x + self.drop(y)
         else:
-            a = self.self_attn.construct_decode(x, positions, key_mask, cache_index, k_cache, v_cache)
+            a = self.self_attn.construct_decode(x, positions, key_mask, slot, k_cache, v_cache)
             x = self.attn_norm(x + self.drop(a))
             y, _ = self.run_ffn(x)
             x = self.ffn_norm(x + self.drop(y))
