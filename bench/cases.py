@@ -25,7 +25,7 @@ PRESETS = {
                          per_round=1),
         "compile": dict(model=dict(GPT3_SMALL, vocab_size=8192, max_position_embeddings=256, hidden_size=256,
                                    num_heads=4, ffn_hidden_size=1024),
-                        depths=(12, 48), batch=1, seq=128, steps=3),
+                        depths=(12, 48), dropouts=(0.1, 0.0), batch=1, seq=128, steps=3),
         "matmul": dict(sizes=(1024, 2048, 4096), rounds=3, per_round=3),
         "moe": dict(args=[]),                   # bench_moe.py's own defaults (8 x 512 tokens, H 512, F 2048)
     },
@@ -37,7 +37,7 @@ PRESETS = {
                          warmup=1, rounds=2, per_round=1),
         "compile": dict(model=dict(GPT3_SMALL, vocab_size=1024, max_position_embeddings=256, hidden_size=128,
                                    num_heads=4, ffn_hidden_size=512),
-                        depths=(12, 48), batch=1, seq=64, steps=3),
+                        depths=(12, 48), dropouts=(0.1, 0.0), batch=1, seq=64, steps=3),
         "matmul": dict(sizes=(1024, 2048), rounds=3, per_round=3),
         "moe": dict(args=["--batch", "4", "--seq", "256", "--repeats", "5"]),   # half the tokens, same widths
     },

@@ -271,22 +271,25 @@ class Runner:
         return result
 
     def compile(self, c: dict) -> list:
+        """Compile time per depth, for each dropout of ``c['dropouts']``: with dropout 0 the identical layers share
+        one parsed graph (``TransformerBlock``'s ``lazy_inline``), with dropout > 0 every layer is parsed on its own
+        (a shared graph would repeat the first layer's dropout masks)."""
         rows = []
-        runs = [(side, depth) for side in (("ours", "candidate") if self.args.candidate_root else ("ours",))
-                for depth in c["depths"]]
-        for side, depth in runs:
-            row = {"side": side, "layers": depth, "hidden": c["model"]["hidden_size"], "batch": c["batch"],
-                   "seq": c["seq"]}
+        runs = [(side, p, depth) for side in (("ours", "candidate") if self.args.candidate_root else ("ours",))
+                for p in c.get("dropouts", (c["model"].get("dropout", 0.1),)) for depth in c["depths"]]
+        for side, p, depth in runs:
+            row = {"side": side, "layers": depth, "dropout": p, "hidden": c["model"]["hidden_size"],
+                   "batch": c["batch"], "seq": c["seq"]}
             w = self.worker(side, f"compile{depth}")
             try:
-                s = w.call("setup_compile", self.args.setup_timeout, model=c["model"], layers=depth,
-                           batch=c["batch"], seq=c["seq"])
+                s = w.call("setup_compile", self.args.setup_timeout, model=dict(c["model"], dropout=p),
+                           layers=depth, batch=c["batch"], seq=c["seq"])
                 ts = w.call("run", self.args.run_timeout, n=c["steps"])["times"]
                 step = statistics.median(ts)
                 row.update(params=s["params"], first_step_s=s["first_step_s"], step_s=step,
-                           compile_s=s["first_step_s"] - step)
-                log(f"compile {side} {depth} layers: first step {s['first_step_s']:.1f} s, step {step:.2f} s, "
-                    f"compile ~{row['compile_s']:.1f} s")
+                           compile_s=s["first_step_s"] - step, shared_layer_graph=s.get("shared_layer_graph"))
+                log(f"compile {side} {depth} layers, dropout {p}: first step {s['first_step_s']:.1f} s, "
+                    f"step {step:.2f} s, compile ~{row['compile_s']:.1f} s")
             except WorkerError as e:
                 row["error"] = str(e)
                 log(f"compile {side} {depth} layers failed: {last_error_line(str(e))}")
@@ -411,23 +414,27 @@ def markdown(res: dict) -> str:
         if isinstance(comp, dict):
             lines.append(f"failed: {comp.get('error', '')[:300]}")
         else:
-            lines += ["| ms_llm | layers | hidden | params | first step s | steady step s | compile s (first - steady) |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["| ms_llm | dropout | layer graphs | layers | hidden | params | first step s | steady step s | "
+                      "compile s (first - steady) |", "|---|---|---|---|---|---|---|---|---|"]
             for r in comp:
                 who = r.get("side", "ours").replace("ours", "this repo")
+                shared = {True: "one, shared", False: "one per layer", None: ""}[r.get("shared_layer_graph")]
+                head = f"| {who} | {r.get('dropout', '')} | {shared} | {r['layers']} | {r['hidden']} |"
                 if "error" in r:
-                    lines.append(f"| {who} | {r['layers']} | {r['hidden']} | | failed: "
-                                 f"`{last_error_line(r['error'])}` | | |")
+                    lines.append(f"{head} | failed: `{last_error_line(r['error'])}` | | |")
                 else:
-                    lines.append(f"| {who} | {r['layers']} | {r['hidden']} | {r['params']:,} | "
-                                 f"{r['first_step_s']:.1f} | {r['step_s']:.2f} | {r['compile_s']:.1f} |")
+                    lines.append(f"{head} {r['params']:,} | {r['first_step_s']:.1f} | {r['step_s']:.2f} | "
+                                 f"{r['compile_s']:.1f} |")
+            lines.append("")
             for side in ("ours", "candidate"):
-                ok = [r for r in comp if r.get("side", "ours") == side and "error" not in r]
-                if len(ok) == 2 and ok[0]["compile_s"] > 0:
-                    lines += ["", f"Compile time {ok[1]['layers']} / {ok[0]['layers']} layers "
-                                  f"({side.replace('ours', 'this repo')}): "
-                                  f"**{ok[1]['compile_s'] / ok[0]['compile_s']:.2f}x** "
-                                  f"(depth x{ok[1]['layers'] / ok[0]['layers']:.0f})."]
+                for p in sorted({r.get("dropout") for r in comp}, key=str):
+                    ok = [r for r in comp if r.get("side", "ours") == side and r.get("dropout") == p
+                          and "error" not in r]
+                    if len(ok) == 2 and ok[0]["compile_s"] > 0:
+                        lines.append(f"Compile time {ok[1]['layers']} / {ok[0]['layers']} layers "
+                                     f"({side.replace('ours', 'this repo')}, dropout {p}): "
+                                     f"**{ok[1]['compile_s'] / ok[0]['compile_s']:.2f}x** "
+                                     f"(depth x{ok[1]['layers'] / ok[0]['layers']:.0f}).  ")
         lines.append("")
     lines += goals(res, peak)
     return "\n".join(lines) + "\n"

@@ -223,7 +223,9 @@ def setup_compile(model: dict, layers: int, batch: int, seq: int):
     run, _, n_params = _train_step("gpt", cfg, batch, seq)
     first = time_calls(run, 1)[0]
     STATE["run"] = run
-    return {"first_step_s": first, "params": n_params}
+    shared = [getattr(c, "cell_init_args", "").startswith("lazy_inline_") for _, c in STATE["loss_net"].cells_and_names()
+              if type(c).__name__ == "TransformerBlock"]
+    return {"first_step_s": first, "params": n_params, "shared_layer_graph": bool(shared) and all(shared)}
 
 
 def run(n: int):

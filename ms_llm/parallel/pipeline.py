@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from mindspore import nn
 
+from ..layers.block import unshare_graph
+
 
 def balance_stages(costs: Sequence[float], stages: int) -> List[int]:
     """Stage of each item: contiguous, every stage non-empty, minimal max stage cost.
@@ -121,11 +123,18 @@ def plan_stages(model: nn.Cell, stages: int, embedding_cost: float = 0.0, head_c
 
 
 def assign_stages(model: nn.Cell, plan: dict) -> None:
-    """Set ``pipeline_stage`` on the cells of ``plan`` (names as in ``model.cells_and_names()``)."""
+    """Set ``pipeline_stage`` on the cells of ``plan`` (names as in ``model.cells_and_names()``).
+
+    Layers built to share one parsed graph (``TransformerBlock`` without random ops) are parsed one by one again:
+    the shared graph is the first layer's, and whether the stage of every other layer survives the front-end inline
+    cannot be checked on CPU (pipelines need Ascend), so pipelined models keep the per-layer graphs.
+    """
     cells = dict(model.cells_and_names())
     missing = [n for n in plan if n not in cells]
     if missing:
         raise ValueError(f"pipeline plan names cells the model does not have: {missing}")
+    for cell in cells.values():
+        unshare_graph(cell)
     for name, stage in plan.items():
         cells[name].pipeline_stage = int(stage)
 

@@ -85,10 +85,13 @@ def test_plan_gpt_and_transformer():
 
 def test_pipeline_model_sets_stages_and_wraps():
     from mindspore.parallel.nn import Pipeline
+    from ms_llm.layers.block import shares_graph
     model = tiny_gpt(2)
+    assert all(shares_graph(b) for b in model.decoder.blocks)              # dropout 0: one parsed block graph
     loss = LMLoss(model)
     cfg = ParallelConfig(mode="semi_auto_parallel", pipeline_stages=2, micro_batches=4)
     wrapped, plan = pipeline_model(model, loss, cfg)
+    assert not any(shares_graph(b) for b in model.decoder.blocks)          # pipelined: parsed layer by layer
     assert isinstance(wrapped.pipeline, Pipeline) and wrapped.pipeline.micro_size == 4
     assert model.decoder.blocks[0].pipeline_stage == 0 and model.decoder.blocks[1].pipeline_stage == 1
     assert model.decoder.final_norm.pipeline_stage == 1 and model.decoder.embed_tokens.pipeline_stage == 0
