@@ -223,8 +223,11 @@ def setup_compile(model: dict, layers: int, batch: int, seq: int):
     run, _, n_params = _train_step("gpt", cfg, batch, seq)
     first = time_calls(run, 1)[0]
     STATE["run"] = run
-    shared = [getattr(c, "cell_init_args", "").startswith("lazy_inline_") for _, c in STATE["loss_net"].cells_and_names()
-              if type(c).__name__ == "TransformerBlock"]
+    try:
+        from ms_llm.layers.block import shares_graph
+    except ImportError:                       # an ms_llm tree (--ms-llm-root) from before layer-graph sharing
+        return {"first_step_s": first, "params": n_params, "shared_layer_graph": False}
+    shared = [shares_graph(c) for _, c in STATE["loss_net"].cells_and_names() if type(c).__name__ == "TransformerBlock"]
     return {"first_step_s": first, "params": n_params, "shared_layer_graph": bool(shared) and all(shared)}
 
 

@@ -6,10 +6,10 @@ multiple of ``cache_multiple``, so that nearby lengths share graphs. The caches 
 per-model dict (:func:`_steps`), not registered in the model, so its parameters and checkpoints never include them.
 They are written in place (as MindFormers' ``DecoderKVCache`` does), and two compiled graphs do the work:
 
-* **decode step**: one token per sequence ``(B, 1)``: its keys/values are added into the (zeroed) cache slot ``t``
-  by one in-place ``IndexAdd`` per cache, then it attends over the cache. Nothing but the logits (B, V) and their argmax
-  (B,) leaves the graph. Every step has the same input shapes, so it compiles once in GRAPH_MODE per (batch size,
-  cache length) and is reused by later calls;
+* **decode step**: one token per sequence ``(B, 1)``: its keys/values are added into the (zeroed) cache slot
+  ``t`` by one in-place ``IndexAdd`` per cache, then it attends over the cache. Nothing but the logits (B, V) and
+  their argmax (B,) leaves the graph. Every step has the same input shapes, so it compiles once in GRAPH_MODE per
+  (batch size, cache length) and is reused by later calls;
 * **prefill** (``prefill='forward'``): one full forward over the (left-padded) prompt ``(B, P)`` that assigns every
   layer's keys/values to slots ``0..P-1`` of the caches (zeros after) and returns the last position's logits (one
   graph per prompt length). With ``prefill='step'`` the prompt instead goes token by token through the decode graph,
@@ -90,7 +90,7 @@ class KVCache:
         self._zero = None
 
     def zero(self):
-        """Set every cache to zeros (one small compiled graph per cache, built on first use)."""
+        """Set every cache to zeros (one small graph for all of them, compiled on first use)."""
         if self._zero is None:
             self._zero = _ZeroCaches(self)
         self._zero()
