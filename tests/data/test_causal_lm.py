@@ -96,21 +96,13 @@ def test_too_short_text_is_an_error():
 
 
 # ------------------------------------------------------------------------------------------------ the task
-def _corpus(tmp_path):
-    """Chapters 1-2 of the shipped corpus for training, the start of chapter 12 held out (a small, fast test)."""
-    docs = read_documents(default_corpus())
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join("\n".join(d) for d in (docs[0], docs[1], docs[11][:6])) + "\n")
-    return str(path)
-
-
-def _cfg(tmp_path, **model):
+def _cfg(tmp_path, corpus, **model):
     m = dict(arch="gpt", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=64,
              max_position_embeddings=64, dropout=0.0, attention_pattern="alternating_banded", band_width=8)
     m.update(model)
     base = {"model": m,
             "train": {"batch_size": 8, "steps": 30, "seed": 5, "output_dir": str(tmp_path / "run")},
-            "data": {"task": "causal_lm", "seq_length": 32, "corpus": _corpus(tmp_path)}}
+            "data": {"task": "causal_lm", "seq_length": 32, "corpus": corpus}}
     return load_config(None, base=base)
 
 
@@ -119,8 +111,8 @@ def registry(monkeypatch):
     monkeypatch.setitem(MODELS, "gpt", ("ms_llm.models.gpt", "GPTLMHeadModel"))
 
 
-def test_task_trains_on_the_corpus_and_evaluates(tmp_path, registry):
-    cfg = _cfg(tmp_path)
+def test_task_trains_on_the_corpus_and_evaluates(tmp_path, small_corpus, registry):
+    cfg = _cfg(tmp_path, small_corpus)
     task = build_causal_lm_task(cfg)
     assert os.path.exists(tmp_path / "run" / "tokenizer" / "merges.txt")
     assert task.tokens_per_batch == 8 * 32 and task.flops_per_token > 6 * 32 * 300
@@ -139,10 +131,11 @@ def test_task_trains_on_the_corpus_and_evaluates(tmp_path, registry):
     assert isinstance(text, str) and "Chapter 12\nAnne and Henrietta" in text
 
 
-def test_init_from_hugging_face_dir(tmp_path, registry):
+def test_init_from_hugging_face_dir(tmp_path, small_corpus, registry):
     import dataclasses
     from ms_llm.checkpoint.io import load_safetensors
-    cfg = _cfg(tmp_path, num_heads=4, ffn_hidden_size=128, activation="gelu_new", attention_pattern="dense")
+    cfg = _cfg(tmp_path, small_corpus, num_heads=4, ffn_hidden_size=128, activation="gelu_new",
+               attention_pattern="dense")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=HF_GPT2))
     task = build_causal_lm_task(cfg)
     assert task.initialized_from == HF_GPT2
@@ -150,11 +143,11 @@ def test_init_from_hugging_face_dir(tmp_path, registry):
     assert np.array_equal(task.model.decoder.embed_tokens.weight.asnumpy(), wte)
 
 
-def test_tokenizer_and_model_must_agree(tmp_path):
+def test_tokenizer_and_model_must_agree(tmp_path, small_corpus):
     with pytest.raises(ValueError, match="model.eos_token_id"):
-        build_causal_lm_task(_cfg(tmp_path, eos_token_id=5))
+        build_causal_lm_task(_cfg(tmp_path, small_corpus, eos_token_id=5))
     with pytest.raises(ValueError, match="model.vocab_size"):
-        cfg = _cfg(tmp_path)
+        cfg = _cfg(tmp_path, small_corpus)
         import dataclasses
         build_causal_lm_task(dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, tokenizer=os.path.join(os.path.dirname(default_corpus()), os.pardir, "assets", "gpt2"))))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ms_llm.config import load_config
-from ms_llm.data.corpus import default_corpus, read_documents
+from ms_llm.data.corpus import default_corpus
 from ms_llm.data.seq2seq import BOS, EOS
 from ms_llm.data.span_corruption import (SpanCorruptionData, build_span_corruption_task, corrupt,
                                          random_spans_noise_mask, span_corruption_lengths)
@@ -196,15 +196,7 @@ def test_bad_config_names_the_key(overrides, key):
 
 
 # ------------------------------------------------------------------------------------------------ (4) training
-def _corpus(tmp_path):
-    """Chapters 1-2 of the shipped corpus for training, the start of chapter 12 held out (a small, fast test)."""
-    docs = read_documents(default_corpus())
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join("\n".join(d) for d in (docs[0], docs[1], docs[11][:6])) + "\n")
-    return str(path)
-
-
-def _cfg(tmp_path, **data):
+def _cfg(tmp_path, corpus, **data):
     model = dict(arch="switch", vocab_size=316, hidden_size=32, num_layers=2, num_decoder_layers=2, num_heads=2,
                  ffn_hidden_size=64, activation="relu", norm="rmsnorm", pre_norm=True, position_embedding="relative",
                  use_bias=False, tie_word_embeddings=True, dropout=0.0,
@@ -212,13 +204,13 @@ def _cfg(tmp_path, **data):
     base = {"model": model,
             "train": {"batch_size": 8, "steps": 30, "seed": 5, "lr": 1e-2, "weight_decay": 0.0,
                       "output_dir": str(tmp_path / "run")},
-            "data": {"task": "span_corruption", "seq_length": 32, "num_sentinels": 16, "corpus": _corpus(tmp_path),
+            "data": {"task": "span_corruption", "seq_length": 32, "num_sentinels": 16, "corpus": corpus,
                      **data}}
     return load_config(None, base=base)
 
 
-def test_tokenizer_and_model_ids_must_agree(tmp_path):
-    cfg = _cfg(tmp_path)
+def test_tokenizer_and_model_ids_must_agree(tmp_path, small_corpus):
+    cfg = _cfg(tmp_path, small_corpus)
     with pytest.raises(ValueError, match=r"model\.pad_token_id"):
         build_span_corruption_task(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, eos_token_id=5)))
     gpt2 = os.path.join(os.path.dirname(default_corpus()), os.pardir, "assets", "gpt2")
@@ -226,12 +218,12 @@ def test_tokenizer_and_model_ids_must_agree(tmp_path):
         build_span_corruption_task(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=gpt2)))
 
 
-def test_switch_pretrains_on_the_corpus(tmp_path):
+def test_switch_pretrains_on_the_corpus(tmp_path, small_corpus):
     from mindspore import Tensor
     from ms_llm.training.step import TrainStep
     from ms_llm.training.tasks import build_task
 
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, small_corpus)
     task = build_task(cfg)
     assert os.path.exists(tmp_path / "run" / "tokenizer" / "merges.txt")
     assert task.tokens_per_batch == 8 * 32 and task.flops_per_token > 0
