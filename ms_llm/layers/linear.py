@@ -47,10 +47,17 @@ class Linear(nn.Cell):
         return self.swap_small_rows and not self.training and SWAP_ROWS[0] <= rows <= SWAP_ROWS[1]
 
     def construct(self, x):
+        return self.linear(x)
+
+    def linear(self, x, product=None):
+        """``x W^T + b``; ``product`` (optional, a cell computing ``x2 (N, in) @ w (out, in)^T``, e.g. the decode-time
+        GEMV of :mod:`ms_llm.kernels.gemv`) replaces the MatMul, with the same dtypes and bias."""
         lead = x.shape[:-1]
         x2 = self.cast(ops.reshape(x, (-1, self.in_features)), self.compute_dtype)   # (N, in)
         w = self.cast(self.weight, self.compute_dtype)
-        if self.swapped(x2.shape[0]):
+        if product is not None:
+            y = product(x2, w)                                         # (N, out)
+        elif self.swapped(x2.shape[0]):
             y = ops.transpose(self.matmul_swapped(w, x2), (1, 0))      # (out, N) -> (N, out)
         else:
             y = self.matmul(x2, w)                                     # (N, out)

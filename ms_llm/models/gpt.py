@@ -259,12 +259,7 @@ class GPTLMHeadModel(NamedOutputs, nn.Cell):
             return self.cast(ops.reshape(logits, (b, s, -1)), ms.float32)  # (B, S, V)
         if head is None:
             return self.cast(self.lm_head(x), ms.float32)                   # (B, S, V)
-        lm = self.lm_head
-        x2 = self.cast(ops.reshape(x, (b * s, h)), lm.compute_dtype)                  # (B*S, H)
-        logits = self.cast(head(x2, self.cast(lm.weight, lm.compute_dtype)), lm.out_dtype)   # (B*S, V)
-        if lm.has_bias:
-            logits = logits + self.cast(lm.bias, lm.out_dtype)                        # (B*S, V)
-        return self.cast(ops.reshape(logits, (b, s, -1)), ms.float32)      # (B, S, V)
+        return self.cast(self.lm_head.linear(x, head), ms.float32)         # (B, S, V)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
         x, aux = self.decoder(input_ids, attention_mask, position_ids)     # (B, S, H)
