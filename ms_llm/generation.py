@@ -31,6 +31,12 @@ and MindSpore's CPU MatMul reads the weight at about half the bandwidth the GEMV
 Both give the same logits up to float32 summation order. Each head has its own pair of graphs per
 (batch, cache length); they share that shape's KV caches.
 
+The decoder layers of the decode step are chosen by ``layer_impl``: 'composite' runs the model's own blocks
+(``TransformerBlock.construct_decode``, ~30 MindSpore kernels per layer), 'fused' one C++ kernel per layer
+(:mod:`ms_llm.kernels.decode_layer`: pre-norm LayerNorm blocks with a plain FFN, i.e. GPT-2 / GPT-3), 'auto'
+(default) the fused layer on CPU for such float32 models up to batch ``FUSED_MAX_BATCH`` (8), else the blocks. The
+fused kernel only reads the caches; its new keys/values are added into them by the same ``IndexAdd`` as the blocks'.
+
 Conventions followed (Hugging Face transformers 5.x ``GenerationMixin``):
 
 * batches of prompts are **left**-padded; ``attention_mask`` marks real tokens. Position ids are
@@ -57,6 +63,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from .kernels.decode_layer import make_decode_layer, select_layer_impl
 from .kernels.gemv import make_gemv, select_head_impl
 from .models.outputs import ModelOutput
 
@@ -140,12 +147,13 @@ class _DecodeStep(nn.Cell):
     """One token per sequence (B, 1) against the caches, written in place: (logits (B, V), greedy ids (B,)).
     The new keys/values are added into cache slot ``slot``, which must hold zeros (Attention.construct_decode)."""
 
-    def __init__(self, model, cache: KVCache, head=None):
+    def __init__(self, model, cache: KVCache, head=None, layer=None):
         super().__init__(auto_prefix=False)
         self.model = model
         self.k_caches = cache.keys
         self.v_caches = cache.values
         self.head = head                     # None: the model's own projection; else an x @ w^T cell (kernels/gemv)
+        self.layer = layer                   # None: the model's blocks; else a fused layer (kernels/decode_layer)
         self.argmax = ops.Argmax(axis=-1, output_type=ms.int32)
         # MindSpore's incremental-inference fast path (``Cell._predict``, as MindFormers' decoders use it): once the
         # 'increment' phase is compiled, a call goes straight to the graph executor, skipping the per-call argument
@@ -155,30 +163,44 @@ class _DecodeStep(nn.Cell):
 
     def construct(self, input_ids, position_ids, dense_mask, band_mask, slot):
         logits = self.model.construct_decode(input_ids, position_ids, dense_mask, band_mask, slot,
-                                             self.k_caches, self.v_caches, self.head)   # (B, V)
+                                             self.k_caches, self.v_caches, self.head, self.layer)   # (B, V)
         return logits, self.argmax(logits)                                   # (B, V), (B,)
 
 
-class _Steps(tuple):
-    """The ``(prefill, decode)`` cells of one (batch, cache length) for the head implementation used last (a tuple,
-    so ``prefill, decode = table[(b, L)]``); ``by_head`` maps every head implementation built for this shape
-    ('matmul' / 'gemv') to its pair, all sharing ``cache``."""
+class _ShapeCells:
+    """The generation cells of one (batch, cache length), all sharing one :class:`KVCache`: ``prefill`` maps an
+    output-head implementation ('matmul' / 'gemv') to its :class:`_Prefill`, ``decode`` maps a (head, layer)
+    implementation pair (layer: 'composite' / 'fused') to its :class:`_DecodeStep`."""
 
-    def __new__(cls, pair, by_head: dict, cache: KVCache):
-        self = super().__new__(cls, pair)
-        self.by_head = by_head
+    def __init__(self, cache: KVCache):
         self.cache = cache
-        return self
+        self.prefill = {}
+        self.decode = {}
+        self.heads = {}
+
+    def cells(self, model, head_impl: str, layer_impl: str):
+        """``(prefill, decode)`` for these implementations, built on first use."""
+        if head_impl not in self.heads:
+            self.heads[head_impl] = None if head_impl == "matmul" else make_gemv(head_impl)
+        head = self.heads[head_impl]
+        if head_impl not in self.prefill:
+            self.prefill[head_impl] = _Prefill(model, self.cache, head)
+        if (head_impl, layer_impl) not in self.decode:
+            layer = None
+            if layer_impl != "composite":
+                cfg = model.cfg
+                layer = make_decode_layer(layer_impl, cfg.num_heads, cfg.norm_eps,
+                                          model.decoder.blocks[0].self_attn.scale, cfg.activation)
+            self.decode[(head_impl, layer_impl)] = _DecodeStep(model, self.cache, head, layer)
+        return self.prefill[head_impl], self.decode[(head_impl, layer_impl)]
 
 
-def _steps(model, batch: int, cache_len: int, head_impl: str = "matmul"):
-    """The (prefill, decode) cells of ``model`` for one (batch, cache length) and output head ('matmul': the
-    model's projection, 'gemv': :class:`~ms_llm.kernels.gemv.Gemv`), sharing one :class:`KVCache` per shape.
+def _steps(model, batch: int, cache_len: int) -> _ShapeCells:
+    """The generation cells of ``model`` for one (batch, cache length) (:class:`_ShapeCells`, one KV cache each).
 
-    Built on first use and kept, outside the Cell tree (not sub-cells, so the caches are not model parameters), in
-    a small per-model dict keyed by (batch, cache length), least recently used first out beyond
-    ``MAX_CACHED_SHAPES`` entries. Each decode cell compiles once; later ``generate`` calls with the same
-    (batch, cache length, head) reuse its graph.
+    Kept, outside the Cell tree (not sub-cells, so the caches are not model parameters), in a small per-model dict
+    keyed by (batch, cache length), least recently used first out beyond ``MAX_CACHED_SHAPES`` entries. Each cell
+    compiles once; later ``generate`` calls with the same shape and implementations reuse its graph.
     """
     table = model.__dict__.get("_ms_llm_generation_steps")
     if table is None:
@@ -188,16 +210,9 @@ def _steps(model, batch: int, cache_len: int, head_impl: str = "matmul"):
     steps = table.pop(key, None)
     if steps is None:
         cfg = model.cfg
-        cache = KVCache(cfg.num_layers, batch, cfg.kv_heads, cache_len, cfg.dim_per_head)
-        by_head = {}
+        steps = _ShapeCells(KVCache(cfg.num_layers, batch, cfg.kv_heads, cache_len, cfg.dim_per_head))
         while len(table) >= MAX_CACHED_SHAPES:
             table.pop(next(iter(table)))
-    else:
-        cache, by_head = steps.cache, steps.by_head
-    if head_impl not in by_head:
-        head = None if head_impl == "matmul" else make_gemv(head_impl)
-        by_head[head_impl] = (_Prefill(model, cache, head), _DecodeStep(model, cache, head))
-    steps = _Steps(by_head[head_impl], by_head, cache)
     table[key] = steps                                                       # most recently used last
     return steps
 
@@ -294,7 +309,7 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
              eos_token_id: Union[int, Sequence[int], None] = _FROM_CONFIG, pad_token_id: Optional[int] = None,
              min_new_tokens: int = 0, seed: Optional[int] = None, cache_multiple: int = 64,
              return_dict_in_generate: bool = False, output_scores: bool = False, output_logits: bool = False,
-             streamer=None, prefill: str = "auto", head_impl: str = "auto"):
+             streamer=None, prefill: str = "auto", head_impl: str = "auto", layer_impl: str = "auto"):
     """Generate continuations of ``input_ids`` (B, P) with a static KV cache; see the module docstring.
 
     ``eos_token_id`` defaults to ``model.cfg.eos_token_id`` (pass ``None`` for no stop token), ``pad_token_id`` to
@@ -303,6 +318,9 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     ``prefill``: 'forward' (one graph over the prompt), 'step' (the prompt through the decode graph) or 'auto'.
     ``head_impl``: the output projection of the generation graphs, 'matmul', 'gemv' or 'auto' (the GEMV on CPU for
     batches up to 8, else MatMul; see the module docstring and :func:`ms_llm.kernels.gemv.select_head_impl`).
+    ``layer_impl``: the decoder layers of the decode step, 'composite' (the model's blocks), 'fused' (one C++ kernel
+    per layer, :mod:`ms_llm.kernels.decode_layer`) or 'auto' (fused on CPU for GPT-2/GPT-3-style float32 models up
+    to batch 8; see :func:`ms_llm.kernels.decode_layer.select_layer_impl`).
     """
     cfg = model.cfg
     ids = _as_numpy_ids(input_ids, "input_ids")                               # (B, P)
@@ -343,11 +361,13 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     if prefill == "auto":
         prefill = "step" if p <= STEP_PREFILL_MAX else "forward"
     head_impl = select_head_impl(head_impl, b)                                # ValueError on an unknown name
+    layer_impl = select_layer_impl(layer_impl, cfg, b)                        # ValueError: unknown or unsupported
 
     was_training = model.training
     model.set_train(False)
-    steps = _steps(model, b, cache_len, head_impl)
-    (prefill_cell, step_cell), cache = steps, steps.cache
+    steps = _steps(model, b, cache_len)
+    prefill_cell, step_cell = steps.cells(model, head_impl, layer_impl)
+    cache = steps.cache
     slots = np.arange(cache_len)
     band = cfg.band_width if cfg.attention_pattern == "alternating_banded" else 0
     valid = np.zeros((b, cache_len), np.float32)                              # slots holding real tokens

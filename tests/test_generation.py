@@ -70,10 +70,13 @@ def test_incremental_logits_equal_full_forward(name, gpt3):
     full = _full_forward(model, seq, full_mask)                               # (B, P + NEW, V)
     assert len(out.logits) == NEW
     for t, step_logits in enumerate(out.logits):
-        # logits of new token t come from position P - 1 + t of the full sequence (fp32, ~2e-6 observed)
-        np.testing.assert_allclose(step_logits, full[:, P - 1 + t], atol=2e-5, rtol=0)
+        # logits of new token t come from position P - 1 + t of the full sequence. fp32 with logits up to ~6.4
+        # (initializer_range 0.5): up to 1.5e-5 observed through the model's blocks, 2.1e-5 through the fused
+        # decode layer (the default on CPU for gpt3), i.e. ~3e-6 of the logit scale; a wrong mask or slot is O(0.1)
+        np.testing.assert_allclose(step_logits, full[:, P - 1 + t], atol=5e-5, rtol=0)
         assert np.array_equal(seq[:, P + t], step_logits.argmax(-1))          # greedy
-    prefill, step = model._ms_llm_generation_steps[(2, 64)]                   # (batch, cache length 64)
+    cells = model._ms_llm_generation_steps[(2, 64)]                           # (batch, cache length 64)
+    (prefill,), (step,) = cells.prefill.values(), cells.decode.values()
     assert len(step.compile_cache) == 1                                       # the decode step compiled once
     assert len(prefill.compile_cache) == (1 if name == "llama" else 0)
 
@@ -93,7 +96,8 @@ def test_caches_compile_once_per_shape_and_stay_out_of_parameters_and_checkpoint
     assert np.array_equal(single, first[:1])                                  # (B, L) = (1, 32): its own caches
     table = model._ms_llm_generation_steps
     assert sorted(table) == [(1, 32), (2, 64)]
-    for (b, length), (prefill, step) in table.items():
+    for (b, length), cells in table.items():
+        (prefill,), (step,) = cells.prefill.values(), cells.decode.values()
         assert len(step.compile_cache) == 1 and len(prefill.compile_cache) == 0
         caches = list(step.k_caches) + list(step.v_caches)
         assert len(caches) == 2 * model.cfg.num_layers and not any(c.requires_grad for c in caches)
@@ -106,12 +110,13 @@ def test_caches_compile_once_per_shape_and_stay_out_of_parameters_and_checkpoint
     ms.save_checkpoint(model, str(tmp_path / "m.ckpt"))
     assert sorted(ms.load_checkpoint(str(tmp_path / "m.ckpt"))) == sorted(names)
     # the prompt through the prefill graph writes the same caches as stepping it through the decode graph
-    stepped = [c.asnumpy()[:, :, :P] for c in table[(2, 64)][1].k_caches]
+    stepped = [c.asnumpy()[:, :, :P] for c in table[(2, 64)].cache.keys]
     model.generate(ids, attention_mask=mask, prefill="forward", **kw)
-    written = [c.asnumpy()[:, :, :P] for c in table[(2, 64)][1].k_caches]
+    written = [c.asnumpy()[:, :, :P] for c in table[(2, 64)].cache.keys]
     for a, b in zip(stepped, written):
         np.testing.assert_allclose(a * mask[:, None, :, None], b * mask[:, None, :, None], atol=1e-5, rtol=0)
-    assert len(table[(2, 64)][0].compile_cache) == 1 and len(table[(2, 64)][1].compile_cache) == 1
+    (prefill,), (step,) = table[(2, 64)].prefill.values(), table[(2, 64)].decode.values()
+    assert len(prefill.compile_cache) == 1 and len(step.compile_cache) == 1
     # at most MAX_CACHED_SHAPES (batch, cache length) entries are kept, the least recently used dropped first
     monkeypatch.setattr(generation, "MAX_CACHED_SHAPES", 2)
     model.generate(ids[:1], max_new_tokens=NEW, eos_token_id=None)            # (1, 64)

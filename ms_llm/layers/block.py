@@ -131,12 +131,24 @@ class TransformerBlock(nn.Cell):
             x = self.ffn_norm(x + self.drop(y))
         return x, k, v
 
-    def construct_decode(self, x, positions, key_mask, slot, k_cache, v_cache):
+    def construct_decode(self, x, positions, key_mask, slot, k_cache, v_cache, layer=None):
         """One token per sequence (x (B, 1, H)) against this layer's KV cache Parameters, which are updated in place;
-        see Attention.construct_decode. Returns the hidden state (B, 1, H)."""
+        see Attention.construct_decode. Returns the hidden state (B, 1, H).
+
+        ``layer``: optional decode-layer cell of :mod:`ms_llm.kernels.decode_layer` (the fused kernel) that computes
+        the whole pre-norm block from its weights; its new keys/values are then added into the caches here."""
         if self.has_cross:
             raise ValueError("TransformerBlock.construct_decode: KV-cache decoding supports decoder-only blocks "
                              "(no cross-attention)")
+        if layer is not None:
+            attn, ffn = self.self_attn, self.ffn
+            y, k, v = layer(x, self.attn_norm.weight, self.attn_norm.bias, attn.q_proj.weight, attn.q_proj.bias,
+                            attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias,
+                            attn.o_proj.weight, attn.o_proj.bias, self.ffn_norm.weight, self.ffn_norm.bias,
+                            ffn.fc_in.weight, ffn.fc_in.bias, ffn.fc_out.weight, ffn.fc_out.bias, k_cache, v_cache,
+                            key_mask, slot)                                  # (B, 1, H), 2 x (B, nkv, 1, hd)
+            y = ops.depend(y, attn.cache_add(k_cache, slot, k))
+            return ops.depend(y, attn.cache_add(v_cache, slot, v))
         if self.pre_norm:
             a = self.self_attn.construct_decode(self.attn_norm(x), positions, key_mask, slot, k_cache, v_cache)
             x = x + self.drop(a)

@@ -173,18 +173,19 @@ class GPTModel(nn.Cell):
             x = self.final_norm(x)
         return x, ks, vs
 
-    def construct_decode(self, input_ids, position_ids, dense_mask, band_mask, slot, k_caches, v_caches):
+    def construct_decode(self, input_ids, position_ids, dense_mask, band_mask, slot, k_caches, v_caches, layer=None):
         """One token per sequence against the KV caches (tuples of (B, nkv, L, hd) Parameters, one per layer), which
         are written in place; returns the hidden state (B, 1, H).
 
         dense_mask / band_mask (B, L): slots visible to the new token in dense / banded layers; slot (1,) int32: the
-        cache slot the new tokens' keys/values are added into (it must hold zeros; see Attention.construct_decode).
+        cache slot the new tokens' keys/values are added into (it must hold zeros; see Attention.construct_decode);
+        layer: optional fused decode-layer cell run for every block (TransformerBlock.construct_decode).
         """
         positions = ops.cast(position_ids, ms.int32)                        # (B, 1)
         x = self.embed(input_ids, positions)                                # (B, 1, H)
         for i in range(self.num_layers):
             mask = band_mask if self.band_widths[i] > 0 else dense_mask
-            x = self.blocks[i].construct_decode(x, positions, mask, slot, k_caches[i], v_caches[i])
+            x = self.blocks[i].construct_decode(x, positions, mask, slot, k_caches[i], v_caches[i], layer)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
@@ -276,11 +277,11 @@ class GPTLMHeadModel(NamedOutputs, nn.Cell):
         return ops.reshape(logits, (logits.shape[0], logits.shape[2])), ks, vs   # (B, V)
 
     def construct_decode(self, input_ids, position_ids, dense_mask, band_mask, slot, k_caches, v_caches,
-                         head=None):
+                         head=None, layer=None):
         """One decoding step: logits (B, V) of the new tokens; the cache Parameters are updated in place. ``head``:
-        see :meth:`project`."""
+        see :meth:`project`; ``layer``: see :meth:`GPTModel.construct_decode`."""
         x = self.decoder.construct_decode(input_ids, position_ids, dense_mask, band_mask, slot, k_caches,
-                                          v_caches)                          # (B, 1, H)
+                                          v_caches, layer)                   # (B, 1, H)
         logits = self.project(x, head)                                      # (B, 1, V)
         # a reshape, not logits[:, 0]: CPU StridedSlice over (B, 1, V) cost ~22 ms per step at B=8, V=50257
         return ops.reshape(logits, (logits.shape[0], logits.shape[2]))      # (B, V)

@@ -1,5 +1,7 @@
 """Fixtures of the kernel tests: every module runs in GRAPH_MODE (restored afterwards); ``pynative`` switches one
-test to PYNATIVE_MODE (fast sweeps of many shapes) and back."""
+test to PYNATIVE_MODE (fast sweeps of many shapes) and back; ``aot_call`` calls an aot kernel entry point directly."""
+import ctypes
+
 import mindspore as ms
 import pytest
 
@@ -17,3 +19,20 @@ def pynative():
     ms.set_context(mode=ms.PYNATIVE_MODE)
     yield
     ms.set_context(mode=ms.GRAPH_MODE)
+
+
+@pytest.fixture
+def aot_call():
+    """``call(fn, arrays, shapes, dtypes, nparam=None) -> return code``: an ``ops.Custom(func_type="aot")`` entry
+    point (a ctypes function) called as MindSpore calls it, with the given (possibly inconsistent) shapes/dtypes."""
+
+    def call(fn, arrays, shapes, dtypes, nparam=None):
+        n = len(arrays)
+        params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+        dims = (ctypes.c_int * n)(*[len(s) for s in shapes])
+        shp = [(ctypes.c_int64 * max(1, len(s)))(*s) for s in shapes]
+        ptrs = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shp])
+        names = (ctypes.c_char_p * n)(*[d.encode() for d in dtypes])
+        return fn(n if nparam is None else nparam, params, dims, ptrs, names, None, None)
+
+    return call

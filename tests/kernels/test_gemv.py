@@ -135,20 +135,14 @@ def test_select_head_impl_and_bad_names():
 
 
 @pytest.mark.skipif(not ON_CPU, reason="the aot kernel runs on CPU")
-def test_kernel_return_codes_refuse_bad_calls():
+def test_kernel_return_codes_refuse_bad_calls(aot_call):
     """The C++ entry point checks the aot call itself (what ops.Custom would hand it if the Python checks were
     bypassed): 0 = ok, 1 = wrong parameter count, 2 = wrong rank / inconsistent shapes, 3 = dtypes."""
     fn = ctypes.CDLL(build_library("gemv.cc")).GemvNT
     x, w = _inputs(2, 20, 7)
 
     def call(arrays, shapes, dtypes, nparam=3):
-        n = len(arrays)
-        params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
-        dims = (ctypes.c_int * n)(*[len(s) for s in shapes])
-        shp = [(ctypes.c_int64 * len(s))(*s) for s in shapes]
-        ptrs = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shp])
-        names = (ctypes.c_char_p * n)(*[d.encode() for d in dtypes])
-        return fn(nparam, params, dims, ptrs, names, None, None)
+        return aot_call(fn, arrays, shapes, dtypes, nparam)
 
     y = np.zeros((2, 7), np.float32)
     assert call([x, w, y], [(2, 20), (7, 20), (2, 7)], ["float32"] * 3) == 0
@@ -183,12 +177,14 @@ def test_generation_gemv_head_equals_matmul_head(tie):
         assert np.array_equal(outs[h].sequences, outs["matmul"].sequences)
         for a, b in zip(outs[h].logits, outs["matmul"].logits):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-    steps = model._ms_llm_generation_steps[(2, 64)]
-    assert sorted(steps.by_head) == ["gemv", "matmul"]                       # 'auto' at B = 2 on CPU is the GEMV
-    assert steps[1] is steps.by_head["gemv"][1] and isinstance(steps[1].head, Gemv)
-    assert steps.by_head["matmul"][1].head is None
-    for prefill, step in steps.by_head.values():                              # one graph each, shared caches
+    cells = model._ms_llm_generation_steps[(2, 64)]
+    assert sorted(cells.prefill) == ["gemv", "matmul"]                       # 'auto' at B = 2 on CPU is the GEMV
+    assert sorted(h for h, _ in cells.decode) == ["gemv", "matmul"]
+    assert isinstance(cells.prefill["gemv"].head, Gemv) and cells.prefill["matmul"].head is None
+    for (head, _), step in cells.decode.items():                              # one graph each, shared caches
+        prefill = cells.prefill[head]
+        assert step.head is prefill.head
         assert len(step.compile_cache) == 1 and len(prefill.compile_cache) == 1
-        assert all(c is d for c, d in zip(step.k_caches, steps.cache.keys))
+        assert all(c is d for c, d in zip(step.k_caches, cells.cache.keys))
     with pytest.raises(ValueError, match="head_impl must be one of"):
         model.generate(ids, head_impl="GEMV", max_new_tokens=2)
