@@ -10,7 +10,8 @@ import math
 
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
-from mindspore.ops import operations as P
+
+from ..kernels.adamw import make_adamw_update, select_adamw_impl
 
 NO_DECAY_KEYS = ("bias", "norm", "layernorm", "ln_", "layer_norm")
 
@@ -21,21 +22,29 @@ def decays(param) -> bool:
     return len(param.shape) >= 2 and not any(k in name for k in NO_DECAY_KEYS)
 
 
-_fused_adamw = ops.MultitypeFuncGraph("fused_adamw")
+_adamw_step = ops.MultitypeFuncGraph("adamw_step")
 
 
-@_fused_adamw.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                       "Tensor", "Tensor")
-def _fused_adamw_one(kernel, lr, beta1, beta2, eps, decay_scale, wd, param, m, v, grad):
-    """One parameter's in-place AdamW (the fused kernel); HyperMap applies it to every parameter without unrolling
-    a Python loop into the graph (which made compilation grow with depth and overflowed at 48 layers)."""
-    return kernel(param, m, v, lr, beta1, beta2, eps, wd * decay_scale, ops.cast(grad, ms.float32))
+@_adamw_step.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _adamw_step_one(update, scalars, wd, param, m, v, grad):
+    """One parameter's in-place AdamW (a cell of :mod:`ms_llm.kernels.adamw`); HyperMap applies it to every
+    parameter without unrolling a Python loop into the graph (which made compilation grow with depth and overflowed
+    at 48 layers)."""
+    return update(param, m, v, ops.cast(grad, ms.float32), scalars, wd)
 
 
 class AdamW(nn.Cell):
-    """construct(grads, lr) updates ``params`` in place; returns a dependency token (the new step count)."""
+    """construct(grads, lr, grad_scale=None, apply=None) updates ``params`` in place (gradients multiplied by
+    ``grad_scale``, e.g. the clipping factor, first) unless ``apply`` (a bool tensor, e.g. "the gradient norm is
+    finite") is False, in which case nothing changes, the step count included; returns a dependency token (the step
+    count). The skip is data inside the update, not an ``if``: see :mod:`ms_llm.kernels.adamw`.
 
-    def __init__(self, params, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+    ``impl``: the per-parameter update, 'fused' (the C++ kernel of :mod:`ms_llm.kernels.adamw`, CPU), 'reference'
+    (MindSpore's ``AdamWeightDecay``) or 'auto' (fused on CPU, reference elsewhere); both compute the same update.
+    """
+
+    def __init__(self, params, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 impl: str = "auto"):
         super().__init__(auto_prefix=False)
         self.params = ParameterTuple(params)
         self.m = self.params.clone(prefix="adam_m", init="zeros")
@@ -43,24 +52,30 @@ class AdamW(nn.Cell):
         self.step = Parameter(Tensor(0.0, ms.float32), name="adam_step", requires_grad=False)
         self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         self.wd = tuple(float(weight_decay) if decays(p) else 0.0 for p in self.params)
-        self.fused = P.AdamWeightDecay()
-        self.beta1 = Tensor(self.b1, ms.float32)
-        self.beta2 = Tensor(self.b2, ms.float32)
+        self.impl = select_adamw_impl(impl)
+        self.update = make_adamw_update(self.impl)
         self.wd_t = tuple(Tensor(w, ms.float32) for w in self.wd)
+        self.one = Tensor(1.0, ms.float32)
+        # the scalars of a skipped step: lr 0, betas 1, eps 1, no decay, no gradient: the identity update
+        self.skip_scalars = Tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], ms.float32)
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, grads, lr):
-        """Bias correction folded into the fused kernel's scalars: (m/c1) / (sqrt(v/c2) + eps) + wd p equals
+    def construct(self, grads, lr, grad_scale=None, apply=None):
+        """Bias correction folded into the update's scalars: (m/c1) / (sqrt(v/c2) + eps) + wd p equals
         (sqrt(c2)/c1) [m / (sqrt(v) + eps sqrt(c2)) + wd c1/sqrt(c2) p], so lr' = lr sqrt(c2)/c1,
         eps' = eps sqrt(c2), decay' = wd c1/sqrt(c2) make AdamWeightDecay's one in-place pass exact AdamW."""
-        t = self.step + 1.0
+        a = self.one if apply is None else ops.cast(apply, ms.float32)
+        t = self.step + a
         ops.assign(self.step, t)
         c1 = 1.0 - ops.pow(self.b1, t)
         sc2 = ops.sqrt(1.0 - ops.pow(self.b2, t))
         lr_t = ops.cast(lr, ms.float32) * sc2 / c1
-        eps_t = self.eps * sc2
-        done = self.hyper_map(ops.partial(_fused_adamw, self.fused, lr_t, self.beta1, self.beta2, eps_t, c1 / sc2),
-                              self.wd_t, self.params, self.m, self.v, grads)
+        scale = self.one if grad_scale is None else ops.cast(grad_scale, ms.float32)
+        scalars = ops.stack([lr_t, ops.fill(ms.float32, (), self.b1), ops.fill(ms.float32, (), self.b2),
+                             self.eps * sc2, c1 / sc2, scale, self.one])      # (7,)
+        scalars = ops.where(a > 0, scalars, self.skip_scalars)                # (7,); t = 0 gives inf/NaN above
+        done = self.hyper_map(ops.partial(_adamw_step, self.update, scalars), self.wd_t, self.params, self.m,
+                              self.v, grads)
         return ops.depend(t, done)
 
 

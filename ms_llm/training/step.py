@@ -24,14 +24,6 @@ def _sum_squares_one(g):
     return ops.sum(sq)
 
 
-_scale = ops.MultitypeFuncGraph("scale")
-
-
-@_scale.register("Tensor", "Tensor")
-def _scale_one(coef, g):
-    return g * ops.cast(coef, g.dtype)
-
-
 _accumulate = ops.MultitypeFuncGraph("accumulate")
 
 
@@ -49,8 +41,11 @@ def _zero_one(buf):
 
 
 class ClipAndApply(nn.Cell):
-    """construct(grads, lr) -> (finite, norm): global L2 norm of ``grads``, clip to ``clip`` (if > 0), then the
-    optimizer update unless the norm is inf/NaN (the one update rule of both step paths)."""
+    """construct(grads, lr, pre_scale=None) -> (finite, norm): global L2 norm of ``grads * pre_scale``, clip to
+    ``clip`` (if > 0), then the optimizer update unless the norm is inf/NaN (the one update rule of both step paths).
+    The scale factors (``pre_scale``, the clip coefficient) go to the optimizer as its gradient scale, which applies
+    them inside its per-parameter update, instead of a separate pass multiplying every gradient; the finite check
+    is the optimizer's ``apply`` input (an ``if`` would hand the fused update copies of the Parameters)."""
 
     def __init__(self, optimizer, clip: float):
         super().__init__(auto_prefix=False)
@@ -58,15 +53,18 @@ class ClipAndApply(nn.Cell):
         self.clip = float(clip)
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, grads, lr):
+    def construct(self, grads, lr, pre_scale=None):
         norm = ops.sqrt(ops.addn(self.hyper_map(_sum_squares, grads)))
+        scale = None
+        if pre_scale is not None:
+            norm = norm * pre_scale
+            scale = pre_scale
         finite = ops.isfinite(norm)
         if self.clip > 0:
             coef = ops.minimum(self.clip / (norm + 1e-6), 1.0)
-            grads = self.hyper_map(ops.partial(_scale, coef), grads)
-        if finite:
-            self.optimizer(grads, lr)
-        return finite, norm
+            scale = coef if scale is None else scale * coef
+        done = self.optimizer(grads, lr, scale, finite)                  # no update unless finite
+        return ops.depend(finite, done), norm
 
 
 class FusedStep(nn.Cell):
@@ -123,9 +121,8 @@ class ApplyGrads(nn.Cell):
         self.hyper_map = ops.HyperMap()
 
     def construct(self, lr):
-        inv = 1.0 / (self.k * self.loss_scale)
-        grads = self.hyper_map(ops.partial(_scale, inv), self.accum)
-        finite, norm = self.update(grads, lr)
+        inv = 1.0 / (self.k * self.loss_scale)                       # mean over micro-batches, loss unscaled
+        finite, norm = self.update(self.accum, lr, inv)
         finite = ops.depend(finite, self.hyper_map(_zero, self.accum))
         if self.dynamic:
             good = ops.select(finite, self.good_steps + 1.0, ops.zeros_like(self.good_steps))
