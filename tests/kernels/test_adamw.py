@@ -89,7 +89,8 @@ def test_errors_and_selection():
 
 @pytest.mark.skipif(not ON_CPU, reason="the aot kernel runs on CPU")
 def test_kernel_return_codes(aot_call):
-    """0 ok, 1 parameter count, 2 shapes, 3 dtypes (what ops.Custom would hand it if the Python checks were bypassed)."""
+    """0 ok, 1 parameter count, 2 shapes, 3 dtypes (what ops.Custom would hand it if the Python checks were
+    bypassed)."""
     fn = ctypes.CDLL(build_library("adamw.cc")).AdamWUpdate
     p, m, v, g = (np.ones((2, 3), np.float32) for _ in range(4))
     sc, wd, tok = np.array([1e-2, 0.9, 0.999, 1e-8, 1.0, 1.0, 1.0], np.float32), np.zeros(1, np.float32), \

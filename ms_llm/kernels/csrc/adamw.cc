@@ -1,12 +1,13 @@
 // One parameter's AdamW step in place on the CPU (MindSpore AdamWeightDecay's update rule, with the gradient scale
 // of global-norm clipping / loss unscaling folded in), called by MindSpore through ops.Custom(..., func_type="aot").
-// Contract: ascend_kernels/adamw/README.md; reference: AdamWUpdateReference in ms_llm/kernels/adamw.py.
+// Contract and reference (AdamWUpdateReference): the docstring of ms_llm/kernels/adamw.py.
 //
 // AdamWUpdate(param, m, v, grad, scalars, wd) -> token
 //   param, m, v, grad: float32 of one shape (any rank; n elements); scalars (7,) float32 =
 //   [lr, beta1, beta2, eps, decay_scale, grad_scale, apply]; wd: one float32 (shape () or (1,)); token (1,) float32
-//   = 0. apply == 0: nothing is read or written (a skipped step: the gradient may be inf/NaN). Else, in place:  g = grad * grad_scale;  m = beta1 m + (1 - beta1) g;
-//   v = beta2 v + (1 - beta2) g^2;  param -= lr (m / (sqrt(v) + eps) + wd * decay_scale * param).
+//   = 0. apply == 0: nothing is read or written (a skipped step: the gradient may be inf/NaN). Else, in place:
+//   g = grad * grad_scale;  m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;
+//   param -= lr (m / (sqrt(v) + eps) + wd * decay_scale * param).
 //
 // Why: the update is memory bound (param, m, v and grad read, param, m and v written: 28 bytes per element), and
 // MindSpore 2.10's CPU AdamWeightDecay moves them at ~7-11 GB/s (98-166 ms for GPT-2's 38.6M-element embedding,
