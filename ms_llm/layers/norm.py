@@ -4,6 +4,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn, ops
 
+from ..kernels.layer_norm import FusedLayerNorm
 from .common import const_param
 
 
@@ -18,11 +19,16 @@ class LayerNorm(nn.Cell):
         self.bias = const_param((hidden,), 0.0, "bias") if has_bias else None
         self.zero_bias = ops.zeros((hidden,), ms.float32)
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        # CPU: the fused C++ forward/backward (MindSpore's CPU LayerNormGrad is ~3x slower, kernels/layer_norm.py);
+        # elsewhere ops.LayerNorm, whose strategy shard() sets
+        self.fused = FusedLayerNorm(eps) if ms.get_context("device_target") == "CPU" else None
         self.cast = ops.Cast()
 
     def construct(self, x):
         dtype = x.dtype
         bias = self.bias if self.has_bias else self.zero_bias
+        if self.fused is not None:
+            return self.cast(self.fused(self.cast(x, ms.float32), self.weight, bias), dtype)
         y, _, _ = self.norm(self.cast(x, ms.float32), self.weight, bias)
         return self.cast(y, dtype)
 
