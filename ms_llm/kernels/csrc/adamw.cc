@@ -17,12 +17,9 @@
 // vectorises (-O3; sqrt and division have vector instructions).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
-#include <vector>
 
 #include "kernel_common.h"
 
@@ -30,7 +27,9 @@
 
 namespace {
 
+using ms_llm_kernels::IsFloat32;
 using ms_llm_kernels::NumThreads;
+using ms_llm_kernels::ParallelChunks;
 
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 17;
 constexpr int64_t kChunk = int64_t{1} << 15;
@@ -58,8 +57,6 @@ void Update(const Step &s, int64_t i0, int64_t i1) {
   }
 }
 
-bool IsF32(const char *s) { return std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0; }
-
 int64_t Elements(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int d = 0; d < ndim; ++d) n *= shape[d];
@@ -83,7 +80,7 @@ ADAMW_EXPORT int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **sh
     return 2;
   }
   for (int i = 0; i < nparam; ++i) {
-    if (!IsF32(dtypes[i])) return 3;
+    if (!IsFloat32(dtypes[i])) return 3;
   }
   const float *sc = static_cast<const float *>(params[4]);
   const float wd = *static_cast<const float *>(params[5]);
@@ -92,24 +89,8 @@ ADAMW_EXPORT int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **sh
   static_cast<float *>(params[6])[0] = 0.0f;
   if (sc[6] == 0.0f) return 0;  // a skipped step
   const int64_t n = Elements(ndims[0], shapes[0]);
-  const int n_threads = n < kMinElemsForThreads ? 1 : std::max(1, NumThreads());
-  if (n_threads == 1) {
-    Update(s, 0, n);
-    return 0;
-  }
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
-         c = next.fetch_add(1, std::memory_order_relaxed)) {
-      Update(s, c * kChunk, std::min(n, (c + 1) * kChunk));
-    }
-  };
-  std::vector<std::thread> workers;
-  const int extra_threads = static_cast<int>(std::min<int64_t>(n_threads - 1, chunks - 1));
-  workers.reserve(static_cast<size_t>(extra_threads));
-  for (int t = 0; t < extra_threads; ++t) workers.emplace_back(work);
-  work();
-  for (auto &th : workers) th.join();
+  const int n_threads = n < kMinElemsForThreads ? 1 : NumThreads();
+  ParallelChunks((n + kChunk - 1) / kChunk, n_threads,
+                 [&](int64_t c, int) { Update(s, c * kChunk, std::min(n, (c + 1) * kChunk)); });
   return 0;
 }

@@ -47,6 +47,7 @@
 
 namespace {
 
+using ms_llm_kernels::IsFloat32;
 using ms_llm_kernels::NumThreads;
 using ms_llm_kernels::gemv_tile::RunRows;
 
@@ -249,8 +250,6 @@ void RunLayer(const Layer &l, Team *team, int tid, int n_threads) {
   RunProjs(l, &down, 1, &team->next[4]);
 }
 
-bool IsF32(const char *s) { return std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0; }
-
 bool Shape(int *ndims, int64_t **shapes, int i, std::initializer_list<int64_t> dims) {
   if (ndims[i] != static_cast<int>(dims.size())) return false;
   int d = 0;
@@ -288,7 +287,7 @@ DL_EXPORT int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shape
       Shape(ndims, shapes, 23, {B, nkv, 1, hd}) && Shape(ndims, shapes, 24, {B, nkv, 1, hd});
   if (!ok) return 2;
   for (int i = 0; i < nparam; ++i) {
-    if (i == 20 ? std::strcmp(dtypes[i], "int32") != 0 : !IsF32(dtypes[i])) return 3;
+    if (i == 20 ? std::strcmp(dtypes[i], "int32") != 0 : !IsFloat32(dtypes[i])) return 3;
   }
   const int32_t slot = *static_cast<const int32_t *>(params[20]);
   if (slot < 0 || slot >= L) return 4;

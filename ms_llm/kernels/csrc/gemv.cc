@@ -58,20 +58,9 @@ void Run(const float *x, int64_t B, const WT *w, int64_t H, OutT *y, int64_t V) 
   }
   const int64_t chunk = std::max<int64_t>(kRangeAlign, kChunkElems / std::max<int64_t>(H, 1) / kRangeAlign *
                                                            kRangeAlign);  // rows per chunk, a multiple of 16
-  const int64_t n_chunks = (V + chunk - 1) / chunk;
-  n = std::min(n, n_chunks);
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
-         c = next.fetch_add(1, std::memory_order_relaxed)) {
-      RunRows(x, B, w, H, y, V, c * chunk, std::min(V, (c + 1) * chunk));
-    }
-  };
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<size_t>(n - 1));
-  for (int64_t t = 1; t < n; ++t) workers.emplace_back(work);
-  work();
-  for (auto &th : workers) th.join();
+  ms_llm_kernels::ParallelChunks((V + chunk - 1) / chunk, static_cast<int>(n), [&](int64_t c, int) {
+    RunRows(x, B, w, H, y, V, c * chunk, std::min(V, (c + 1) * chunk));
+  });
 }
 
 enum class DType { kF32, kF16, kBad };

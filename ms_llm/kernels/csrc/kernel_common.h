@@ -1,13 +1,16 @@
-// Helpers shared by ms_llm's CPU kernels (csrc/*.cc): IEEE binary16 <-> float32 conversion and the number of
-// CPUs this process may run on. Included by every kernel source; ms_llm/kernels/_build.py hashes csrc/*.h into
+// Helpers shared by ms_llm's CPU kernels (csrc/*.cc): IEEE binary16 <-> float32 conversion, the number of CPUs
+// this process may run on, the float32 dtype name check and a chunked parallel loop. Included by every kernel source; ms_llm/kernels/_build.py hashes csrc/*.h into
 // each library's cache key, so a change here rebuilds every kernel.
 #pragma once
 
 #include <sched.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 namespace ms_llm_kernels {
 
@@ -77,6 +80,30 @@ inline int NumThreads() {
   }
   const unsigned hc = std::thread::hardware_concurrency();
   return hc > 0 ? static_cast<int>(hc) : 1;
+}
+
+// Whether an aot call's dtype name is float32 (MindSpore passes "float32"; "float" is accepted too).
+inline bool IsFloat32(const char *s) { return std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0; }
+
+// Runs body(chunk, tid) for every chunk in [0, chunks) on up to `threads` threads, the caller being thread 0; the
+// threads take chunks from an atomic counter, so one the OS deschedules (the machine is shared) does not hold up
+// the others. Returns the number of threads used (tid < that).
+template <typename Body>
+int ParallelChunks(int64_t chunks, int threads, Body body) {
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
+  std::atomic<int64_t> next{0};
+  auto work = [&](int tid) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(c, tid);
+    }
+  };
+  std::vector<std::thread> workers;
+  workers.reserve(static_cast<size_t>(n - 1));
+  for (int t = 1; t < n; ++t) workers.emplace_back(work, t);
+  work(0);
+  for (auto &th : workers) th.join();
+  return n;
 }
 
 }  // namespace ms_llm_kernels

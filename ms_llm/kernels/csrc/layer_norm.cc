@@ -15,11 +15,9 @@
 // statistics, then output), and the backward's dgamma / dbeta are per-thread partial sums added at the end.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #include "kernel_common.h"
@@ -28,28 +26,20 @@
 
 namespace {
 
+using ms_llm_kernels::IsFloat32;
 using ms_llm_kernels::NumThreads;
+using ms_llm_kernels::ParallelChunks;
 
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 16;
 constexpr int64_t kRowsPerChunk = 16;
 
-// Runs body(row0, row1, tid) over chunks of rows on up to NumThreads() threads; returns the thread count used.
+// Runs body(row0, row1, tid) over chunks of rows (ParallelChunks); returns the thread count used.
 template <typename Body>
 int ForRows(int64_t rows, int64_t h, Body body) {
-  const int n = rows * h < kMinElemsForThreads ? 1 : std::max(1, NumThreads());
-  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  std::atomic<int64_t> next{0};
-  auto work = [&](int tid) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
-         c = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(c * kRowsPerChunk, std::min(rows, (c + 1) * kRowsPerChunk), tid);
-    }
-  };
-  std::vector<std::thread> workers;
-  for (int t = 1; t < n; ++t) workers.emplace_back(work, t);
-  work(0);
-  for (auto &th : workers) th.join();
-  return n;
+  const int n = rows * h < kMinElemsForThreads ? 1 : NumThreads();
+  return ParallelChunks((rows + kRowsPerChunk - 1) / kRowsPerChunk, n, [&](int64_t c, int tid) {
+    body(c * kRowsPerChunk, std::min(rows, (c + 1) * kRowsPerChunk), tid);
+  });
 }
 
 void Forward(const float *x, const float *gamma, const float *beta, float eps, int64_t rows, int64_t h, float *y,
@@ -114,8 +104,6 @@ void Backward(const float *x, const float *gamma, const float *mean, const float
   }
 }
 
-bool IsF32(const char *s) { return std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0; }
-
 int64_t Rows(int ndim, const int64_t *shape) {
   int64_t r = 1;
   for (int d = 0; d + 1 < ndim; ++d) r *= shape[d];
@@ -144,7 +132,7 @@ LN_EXPORT int LayerNormFwd(int nparam, void **params, int *ndims, int64_t **shap
     return 2;
   }
   for (int i = 0; i < nparam; ++i) {
-    if (!IsF32(dtypes[i])) return 3;
+    if (!IsFloat32(dtypes[i])) return 3;
   }
   if (rows == 0 || h == 0) return 0;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
@@ -167,7 +155,7 @@ LN_EXPORT int LayerNormBwd(int nparam, void **params, int *ndims, int64_t **shap
     return 2;
   }
   for (int i = 0; i < nparam; ++i) {
-    if (!IsF32(dtypes[i])) return 3;
+    if (!IsFloat32(dtypes[i])) return 3;
   }
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   auto out = [&](int i) { return static_cast<float *>(params[i]); };
