@@ -127,7 +127,8 @@ class _DecodeLayerBase(nn.Cell):
 
 
 class DecodeLayerReference(_DecodeLayerBase):
-    """The layer from MindSpore ops (LayerNorm, MatMul, the reference attention core); see the module docstring."""
+    """The layer from MindSpore ops (LayerNorm, MatMul, BatchMatMul, softmax over the visible slots, as the
+    reference attention core computes it); see the module docstring."""
 
     def __init__(self, num_heads: int, eps: float, scale: float, activation: str):
         super().__init__(num_heads, eps, scale, activation)
