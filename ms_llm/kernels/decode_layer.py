@@ -40,7 +40,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
+from ..layers.mlp import Activation
 from ._build import build_library
+from .attention import _MASK_FILL
 
 __all__ = ["LAYER_IMPLS", "FUSED_MAX_BATCH", "DecodeLayerReference", "FusedDecodeLayer", "make_decode_layer",
            "fused_unsupported", "select_layer_impl"]
@@ -136,16 +138,10 @@ class DecodeLayerReference(_DecodeLayerBase):
         self.matmul = ops.MatMul(transpose_b=True)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.pv = ops.BatchMatMul()
+        self.act = Activation(activation)                                      # the model's FFN activation cell
 
     def dense(self, x2, w, b):
         return self.matmul(x2, w) + b                                          # (B, out)
-
-    def act(self, x):
-        if self.activation == "relu":
-            return ops.relu(x)
-        if self.activation == "gelu":
-            return ops.gelu(x, approximate="none")
-        return x * ops.sigmoid(x * (1.5957691216057308 + 0.0713548162726009 * (x * x)))
 
     def construct(self, x, ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2, k_cache,
                   v_cache, key_mask, slot):
@@ -166,7 +162,7 @@ class DecodeLayerReference(_DecodeLayerBase):
         values = v_cache * (1.0 - at_slot) + v_new * at_slot                   # (B, nkv, L, hd)
         visible = ops.reshape(key_mask > 0.5, (b, 1, 1, length))              # (B, 1, 1, L)
         scores = self.qk(q, keys) * self.scale                                 # (B, nkv, g, L)
-        scores = ops.where(visible, scores, -3.0e38)                           # (B, nkv, g, L)
+        scores = ops.where(visible, scores, _MASK_FILL)                        # (B, nkv, g, L)
         probs = ops.softmax(scores, -1) * ops.cast(visible, mstype.float32)    # (B, nkv, g, L); no slot -> 0
         a = ops.reshape(self.pv(probs, values), (b, self.num_heads * hd))      # (B, nh*hd)
         x1 = x2 + self.dense(a, wo, bo)                                        # (B, H)
