@@ -56,6 +56,8 @@ class AdamW(nn.Cell):
         self.update = make_adamw_update(self.impl)
         self.wd_t = tuple(Tensor(w, ms.float32) for w in self.wd)
         self.one = Tensor(1.0, ms.float32)
+        self.beta1 = Tensor(self.b1, ms.float32)
+        self.beta2 = Tensor(self.b2, ms.float32)
         # the scalars of a skipped step: lr 0, betas 1, eps 1, no decay, no gradient: the identity update
         self.skip_scalars = Tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], ms.float32)
         self.hyper_map = ops.HyperMap()
@@ -71,8 +73,7 @@ class AdamW(nn.Cell):
         sc2 = ops.sqrt(1.0 - ops.pow(self.b2, t))
         lr_t = ops.cast(lr, ms.float32) * sc2 / c1
         scale = self.one if grad_scale is None else ops.cast(grad_scale, ms.float32)
-        scalars = ops.stack([lr_t, ops.fill(ms.float32, (), self.b1), ops.fill(ms.float32, (), self.b2),
-                             self.eps * sc2, c1 / sc2, scale, self.one])      # (7,)
+        scalars = ops.stack([lr_t, self.beta1, self.beta2, self.eps * sc2, c1 / sc2, scale, self.one])   # (7,)
         scalars = ops.where(a > 0, scalars, self.skip_scalars)                # (7,); t = 0 gives inf/NaN above
         done = self.hyper_map(ops.partial(_adamw_step, self.update, scalars), self.wd_t, self.params, self.m,
                               self.v, grads)
