@@ -1,13 +1,32 @@
-"""Fused kernels and their reference implementations (same signature); see :mod:`ms_llm.kernels.attention` and
-:mod:`ms_llm.kernels.moe_routing`; the decode-time output-head GEMV in :mod:`ms_llm.kernels.gemv` and the fused
-decode layer in :mod:`ms_llm.kernels.decode_layer`."""
+"""Fused kernels and their reference implementations (same signature): attention (:mod:`~ms_llm.kernels.attention`),
+MoE routing (:mod:`~ms_llm.kernels.moe_routing`), the decode-time output-head GEMV (:mod:`~ms_llm.kernels.gemv`),
+the fused decode layer (:mod:`~ms_llm.kernels.decode_layer`), LayerNorm (:mod:`~ms_llm.kernels.layer_norm`), GELU
+(:mod:`~ms_llm.kernels.gelu`), the OpenBLAS linear product (:mod:`~ms_llm.kernels.blas_linear`) and AdamW
+(:mod:`~ms_llm.kernels.adamw`).
 
-from .attention import ATTENTION_IMPLS, FusedAttention, ReferenceAttention, make_attention
-from .decode_layer import DecodeLayerReference, FusedDecodeLayer, make_decode_layer
-from .gemv import Gemv, MatMulNT
-from .moe_routing import (MOE_ROUTING_FIELDS, MOE_ROUTING_IMPLS, FusedMoERouting, ReferenceMoERouting,
-                          make_moe_routing)
+The names below are imported from their module on first access (PEP 562), so importing the package runs nothing and
+``ms_llm.layers`` can use the kernels that some kernels' references build from layers (no import cycle).
+"""
 
-__all__ = ["ATTENTION_IMPLS", "FusedAttention", "ReferenceAttention", "make_attention", "MOE_ROUTING_FIELDS",
-           "MOE_ROUTING_IMPLS", "FusedMoERouting", "ReferenceMoERouting", "make_moe_routing", "Gemv", "MatMulNT",
-           "DecodeLayerReference", "FusedDecodeLayer", "make_decode_layer"]
+import importlib
+
+_EXPORTS = {
+    "ATTENTION_IMPLS": "attention", "FusedAttention": "attention", "ReferenceAttention": "attention",
+    "make_attention": "attention",
+    "MOE_ROUTING_FIELDS": "moe_routing", "MOE_ROUTING_IMPLS": "moe_routing", "FusedMoERouting": "moe_routing",
+    "ReferenceMoERouting": "moe_routing", "make_moe_routing": "moe_routing",
+    "Gemv": "gemv", "MatMulNT": "gemv",
+    "DecodeLayerReference": "decode_layer", "FusedDecodeLayer": "decode_layer", "make_decode_layer": "decode_layer",
+    "FusedLayerNorm": "layer_norm", "ReferenceLayerNorm": "layer_norm", "make_layer_norm": "layer_norm",
+    "FusedGelu": "gelu", "ReferenceGelu": "gelu", "make_gelu": "gelu",
+    "BlasLinearProduct": "blas_linear", "ReferenceLinearProduct": "blas_linear", "make_linear_product": "blas_linear",
+    "FusedAdamWUpdate": "adamw", "AdamWUpdateReference": "adamw", "make_adamw_update": "adamw",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
