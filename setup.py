@@ -20,6 +20,7 @@ setup(
         "matplotlib>=3.7,<4",
         "decorator>=5.1,<6",       # needed by MindSpore's custom-op build server
         "psutil>=5.9",
+        "scipy-openblas32==0.3.34.481.3",   # OpenBLAS (headers + library) for the CPU linear-layer kernel
     ],
     extras_require={
         "test": ["pytest>=8,<10"],

@@ -14,6 +14,10 @@ avx512f, avx512vl, avx2 and fma),
 ``avx2`` (``-mavx2 -mfma``; needs avx2 and fma), else ``generic``: the compiler's default target (SSE2 on
 x86-64, NEON on aarch64, e.g. the Kunpeng hosts of Ascend servers). No ``-march=native``. The source is the
 same plain C++ for every tier; only gcc's auto-vectoriser changes its vector width.
+
+Sources that call a library name it in ``EXTERNAL``: ``blas_linear.cc`` compiles against the headers of the
+``scipy-openblas32`` wheel (OpenBLAS, a pinned dependency) and links its ``libscipy_openblas.so`` with an rpath to
+the wheel's folder; that folder and the wheel's version are part of the hash.
 """
 
 from __future__ import annotations
@@ -46,6 +50,28 @@ _ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512vl", "avx2", "fma"}, "avx2": {"av
 
 class KernelBuildError(RuntimeError):
     """The C++ compiler is missing or failed; the message carries the command and the compiler output."""
+
+
+def _openblas_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compile flags, link flags) for OpenBLAS from the ``scipy-openblas32`` wheel."""
+    try:
+        import scipy_openblas32
+    except ImportError as exc:
+        raise KernelBuildError("the BLAS-backed CPU kernels need the 'scipy-openblas32' package (a dependency of "
+                               "ms_llm: pip install -e .)") from exc
+    lib_dir = scipy_openblas32.get_lib_dir()
+    return ((f"-I{scipy_openblas32.get_include_dir()}", f"-DMS_LLM_OPENBLAS_VERSION={scipy_openblas32.__version__}"),
+            (f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", f"-l{scipy_openblas32.get_library()}"))
+
+
+# source -> function returning the (compile, link) flags of the library it calls
+EXTERNAL = {"blas_linear.cc": _openblas_flags}
+
+
+def _flags(source: str, isa: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compile flags, link flags) for ``csrc/<source>``; the link flags go after the source on the command."""
+    cflags, ldflags = EXTERNAL[source]() if source in EXTERNAL else ((), ())
+    return BASE_FLAGS + ISA_FLAGS[resolve_isa(isa)] + cflags, ldflags
 
 
 def cpu_flags() -> set[str]:
@@ -96,10 +122,10 @@ def library_path(source: str, isa: str = "auto", cache_root: str | os.PathLike |
     """Where the library for ``csrc/<source>`` with these settings lives (built or not). The cache key covers the
     source, the shared headers ``csrc/*.h`` it may include, the compiler version and the flags."""
     src = CSRC_DIR / source
-    flags = BASE_FLAGS + ISA_FLAGS[resolve_isa(isa)]
+    cflags, ldflags = _flags(source, isa)
     digest = hashlib.sha256()
     headers = [h.read_bytes() for h in sorted(CSRC_DIR.glob("*.h"))]
-    for part in (src.read_bytes(), *headers, _compiler_version(cxx).encode(), " ".join(flags).encode()):
+    for part in (src.read_bytes(), *headers, _compiler_version(cxx).encode(), " ".join(cflags + ldflags).encode()):
         digest.update(part)
         digest.update(b"\0")
     root = Path(cache_root) if cache_root is not None else default_cache_root()
@@ -120,7 +146,8 @@ def build_library(source: str, isa: str = "auto", cache_root: str | os.PathLike 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *BASE_FLAGS, *ISA_FLAGS[resolve_isa(isa)], "-o", tmp, str(src)]
+    cflags, ldflags = _flags(source, isa)
+    cmd = [cxx, *cflags, "-o", tmp, str(src), *ldflags]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -5,6 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from ..kernels.blas_linear import BlasLinearProduct
 from .common import const_param, ms_dtype, normal_param
 
 
@@ -14,6 +15,17 @@ from .common import const_param, ms_dtype, normal_param
 # ms direct, 20.3 / 25.0 / 27.5 / 24.5 / 226 ms swapped, one process, interleaved). Inference on CPU takes the swapped
 # form in that range; training graphs and other devices keep the direct one.
 SWAP_ROWS = (4, 32)
+# On CPU, float32 products of at least this many rows (training steps, prefill) run through OpenBLAS
+# (ms_llm.kernels.blas_linear): MindSpore's CPU MatMul runs the backward's layouts at 69-109 GFLOPS at BERT-base
+# shapes, OpenBLAS every layout at ~190-220. Smaller (decode-sized) products keep MindSpore's MatMul / the swap above.
+BLAS_MIN_ROWS = SWAP_ROWS[1] + 1
+
+
+def blas_product(compute_dtype) -> BlasLinearProduct | None:
+    """The OpenBLAS product cell for float32 products on CPU; None elsewhere (other dtypes, Ascend)."""
+    if ms.get_context("device_target") == "CPU" and compute_dtype == ms.float32:
+        return BlasLinearProduct()
+    return None
 
 
 class Linear(nn.Cell):
@@ -39,6 +51,7 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         self.matmul_swapped = ops.MatMul(transpose_b=True)            # W (out, in) @ x (N, in)^T: see SWAP_ROWS
         self.swap_small_rows = ms.get_context("device_target") == "CPU"
+        self.blas = blas_product(self.compute_dtype)
         self.bias_add = ops.Add()
         self.cast = ops.Cast()
 
@@ -55,6 +68,9 @@ class Linear(nn.Cell):
         lead = x.shape[:-1]
         x2 = self.cast(ops.reshape(x, (-1, self.in_features)), self.compute_dtype)   # (N, in)
         w = self.cast(self.weight, self.compute_dtype)
+        if product is None and self.blas is not None and x2.shape[0] >= BLAS_MIN_ROWS:
+            y = self.blas(x2, w, self.bias) if self.has_bias else self.blas(x2, w)   # (N, out), bias added
+            return ops.reshape(self.cast(y, self.out_dtype), lead + (self.out_features,))   # (..., out)
         if product is not None:
             y = product(x2, w)                                         # (N, out)
         elif self.swapped(x2.shape[0]):

@@ -23,7 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from ..layers.block import TransformerBlock
 from ..layers.common import dropout, ms_dtype, normal_param
 from ..layers.embedding import Embedding
-from ..layers.linear import Linear
+from ..layers.linear import BLAS_MIN_ROWS, Linear, blas_product
 from ..layers.mlp import Activation, FeedForward
 from ..layers.norm import LayerNorm
 from .outputs import NamedOutputs
@@ -247,6 +247,7 @@ class BertLMHead(nn.Cell):
         self.compute_dtype = ms_dtype(cfg.compute_dtype)
         self.hidden = cfg.hidden_size
         self.matmul = ops.MatMul(transpose_b=True)
+        self.blas = blas_product(self.compute_dtype)                       # CPU float32: see layers/linear.py
         self.add = ops.Add()
 
     def construct(self, hidden, word_embeddings):
@@ -255,8 +256,11 @@ class BertLMHead(nn.Cell):
         lead = h.shape[:-1]
         h2 = ops.reshape(h, (-1, self.hidden))                                      # (N, H)
         w = word_embeddings if self.tied else self.decoder
-        logits = self.matmul(ops.cast(h2, self.compute_dtype), ops.cast(w, self.compute_dtype))  # (N, V)
-        logits = self.add(ops.cast(logits, ms.float32), self.bias)                  # (N, V)
+        if self.blas is not None and h2.shape[0] >= BLAS_MIN_ROWS:
+            logits = self.blas(h2, w, self.bias)                                    # (N, V), bias added
+        else:
+            logits = self.matmul(ops.cast(h2, self.compute_dtype), ops.cast(w, self.compute_dtype))  # (N, V)
+            logits = self.add(ops.cast(logits, ms.float32), self.bias)              # (N, V)
         return ops.reshape(logits, lead + (logits.shape[-1],))                     # (..., V)
 
     def shard(self, sharder):

@@ -26,7 +26,7 @@ from mindspore import Tensor, nn, ops
 from ..layers.block import TransformerBlock
 from ..layers.common import dropout
 from ..layers.embedding import Embedding, SinusoidalPositions
-from ..layers.linear import Linear
+from ..layers.linear import BLAS_MIN_ROWS, Linear, blas_product
 from ..layers.mlp import FeedForward
 from ..layers.norm import make_norm
 from .outputs import NamedOutputs
@@ -214,6 +214,7 @@ class GPTLMHeadModel(NamedOutputs, nn.Cell):
                                                     compute_dtype=cfg.compute_dtype)
         self.logits_matmul = ops.MatMul(transpose_b=True)
         self.compute_dtype = ms.float16 if cfg.compute_dtype == "float16" else ms.float32
+        self.blas = blas_product(self.compute_dtype)                       # CPU float32: see layers/linear.py
         self.cast = ops.Cast()
 
     def init_weights(self, seed: int | None = None) -> None:
@@ -253,7 +254,9 @@ class GPTLMHeadModel(NamedOutputs, nn.Cell):
         if self.tie:
             w = self.cast(self.decoder.embed_tokens.weight, self.compute_dtype)
             x2 = self.cast(ops.reshape(x, (b * s, h)), self.compute_dtype)           # (B*S, H)
-            if head is None:
+            if head is None and self.blas is not None and b * s >= BLAS_MIN_ROWS:
+                logits = self.blas(x2, w)                                             # (B*S, V)
+            elif head is None:
                 logits = self.logits_matmul(x2, w)                                    # (B*S, V)
             else:
                 logits = head(x2, w)                                                  # (B*S, V)

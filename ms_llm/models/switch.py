@@ -21,7 +21,8 @@ from mindspore import ops
 from ..layers.attention import RelativePositionBias
 from ..layers.block import TransformerBlock
 from ..layers.embedding import Embedding
-from ..layers.linear import Linear
+from ..layers.common import ms_dtype
+from ..layers.linear import Linear, blas_product
 from ..moe.layer import MoELayer, check_causal_routing
 from .transformer import Seq2SeqEmbedding, Stack, Transformer
 
@@ -60,6 +61,7 @@ class SwitchTransformer(Transformer):
                                                     compute_dtype=cfg.compute_dtype)
         self.output_scale = 1.0 / math.sqrt(cfg.hidden_size) if self.tie else 1.0
         self.logits_matmul = ops.MatMul(transpose_b=True)
+        self.blas = blas_product(ms_dtype(cfg.compute_dtype))               # CPU float32: see layers/linear.py
         self.cast = ops.Cast()
 
     @staticmethod

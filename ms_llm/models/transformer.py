@@ -12,9 +12,9 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..layers.block import TransformerBlock
-from ..layers.common import dropout
+from ..layers.common import dropout, ms_dtype
 from ..layers.embedding import Embedding, SinusoidalPositions
-from ..layers.linear import Linear
+from ..layers.linear import BLAS_MIN_ROWS, Linear, blas_product
 from ..layers.norm import make_norm
 from .outputs import NamedOutputs
 
@@ -89,6 +89,7 @@ class Transformer(NamedOutputs, nn.Cell):
                                                     has_bias=False, init_std=cfg.initializer_range,
                                                     compute_dtype=cfg.compute_dtype)
         self.logits_matmul = ops.MatMul(transpose_b=True)
+        self.blas = blas_product(ms_dtype(cfg.compute_dtype))               # CPU float32: see layers/linear.py
         self.cast = ops.Cast()
 
     @staticmethod
@@ -109,7 +110,11 @@ class Transformer(NamedOutputs, nn.Cell):
         b, s, h = x.shape
         if self.tie:
             w = self.cast(self.embed_tokens.weight, x.dtype)
-            logits = self.logits_matmul(ops.reshape(x, (b * s, h)), w)    # (B*S, V)
+            x2 = ops.reshape(x, (b * s, h))                                # (B*S, H)
+            if self.blas is not None and x.dtype == ms.float32 and b * s >= BLAS_MIN_ROWS:
+                logits = self.blas(x2, w)                                  # (B*S, V)
+            else:
+                logits = self.logits_matmul(x2, w)                         # (B*S, V)
             return ops.reshape(logits, (b, s, -1))                         # (B, S, V)
         return self.lm_head(x)                                             # (B, S, V)
 

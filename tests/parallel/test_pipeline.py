@@ -69,7 +69,8 @@ def test_plan_gpt_and_transformer():
     plan = plan_stages(tiny_gpt(4, tie_word_embeddings=False), 2)
     assert plan == {"": 1, "decoder": 0, "decoder.embed_tokens": 0, "decoder.embed_positions": 0,
                     "decoder.drop": 0, "decoder.blocks": 0, "decoder.blocks.0": 0, "decoder.blocks.1": 0,
-                    "decoder.blocks.2": 1, "decoder.blocks.3": 1, "decoder.final_norm": 1, "lm_head": 1}
+                    "decoder.blocks.2": 1, "decoder.blocks.3": 1, "decoder.final_norm": 1, "lm_head": 1,
+                    "blas": 1}                          # the tied head's OpenBLAS product (CPU), with the head
     # a heavy output head moves a layer off the last stage
     assert plan_stages(tiny_gpt(4), 2, head_cost=2.0)["decoder.blocks.1"] == 0
     assert plan_stages(tiny_gpt(4), 2, head_cost=2.0)["decoder.blocks.2"] == 0
