@@ -138,7 +138,7 @@ class DecodeLayerReference(_DecodeLayerBase):
         self.matmul = ops.MatMul(transpose_b=True)
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.pv = ops.BatchMatMul()
-        self.act = Activation(activation)                                      # the model's FFN activation cell
+        self.act = Activation(activation, fused=False)                         # the model's FFN activation, ops
 
     def dense(self, x2, w, b):
         return self.matmul(x2, w) + b                                          # (B, out)
