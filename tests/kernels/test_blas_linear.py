@@ -42,7 +42,8 @@ def _close(got, want, what):
 
 
 @pytest.mark.skipif(not ON_CPU, reason="the C++ kernels run on CPU")
-@pytest.mark.parametrize("n, k, m", [(64, 48, 40), (1, 5, 3), (3, 640, 2), (257, 96, 130)])
+# (257, 96, 130): blocks of rows on the threads; (48, 96, 700): a wider output, blocks of w's rows / y's columns
+@pytest.mark.parametrize("n, k, m", [(64, 48, 40), (1, 5, 3), (3, 640, 2), (257, 96, 130), (48, 96, 700)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("impl", ["blas", "reference"])
 def test_matches_numpy(impl, bias, n, k, m):
