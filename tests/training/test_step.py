@@ -133,3 +133,23 @@ def test_schedules():
     assert lr_at(3999, inv, 512) == pytest.approx(512 ** -0.5 * 4000 ** -0.5)
     assert lr_at(15999, inv, 512) == pytest.approx(512 ** -0.5 * 16000 ** -0.5)
     assert lr_at(0, inv, 512) == pytest.approx(512 ** -0.5 * 4000 ** -1.5)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_clip_norm_of_both_sum_of_squares_paths(kernel):
+    """ClipAndApply's global norm (CPU: the one-pass kernel; elsewhere MindSpore ops, forced here by dropping the
+    kernel) equals numpy's sqrt(sum g^2) times the pre-scale, to float32 rounding (2e-6 relative)."""
+    from ms_llm.training.step import ClipAndApply
+    rng = np.random.default_rng(3)
+    shapes = [(37, 11), (5,), (3, 4, 700)]
+    params = [Parameter(Tensor(rng.standard_normal(s).astype(np.float32)), name=f"p{i}")
+              for i, s in enumerate(shapes)]
+    grads = tuple(Tensor((rng.standard_normal(s) * 10.0 ** i).astype(np.float32)) for i, s in enumerate(shapes))
+    step = ClipAndApply(AdamW(params), clip=1.0)
+    assert (step.sum_squares is not None) == (ms.get_context("device_target") == "CPU")
+    if not kernel:
+        step.sum_squares = None
+    finite, norm = step(grads, Tensor(1e-3, ms.float32), Tensor(0.5, ms.float32))
+    want = 0.5 * np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
+    assert bool(finite.asnumpy()) and norm.shape == ()
+    assert abs(float(norm.asnumpy()) - want) <= 2e-6 * want
