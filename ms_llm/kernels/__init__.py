@@ -1,8 +1,8 @@
 """Fused kernels and their reference implementations (same signature): attention (:mod:`~ms_llm.kernels.attention`),
 MoE routing (:mod:`~ms_llm.kernels.moe_routing`), the decode-time output-head GEMV (:mod:`~ms_llm.kernels.gemv`),
 the fused decode layer (:mod:`~ms_llm.kernels.decode_layer`), LayerNorm (:mod:`~ms_llm.kernels.layer_norm`), GELU
-(:mod:`~ms_llm.kernels.gelu`), the OpenBLAS linear product (:mod:`~ms_llm.kernels.blas_linear`) and AdamW
-(:mod:`~ms_llm.kernels.adamw`).
+(:mod:`~ms_llm.kernels.gelu`), the OpenBLAS linear product (:mod:`~ms_llm.kernels.blas_linear`), AdamW
+(:mod:`~ms_llm.kernels.adamw`) and the clip norm's sum of squares (:mod:`~ms_llm.kernels.sum_squares`).
 
 The names below are imported from their module on first access (PEP 562), so importing the package runs nothing and
 ``ms_llm.layers`` can use the kernels that some kernels' references build from layers (no import cycle).
@@ -21,6 +21,7 @@ _EXPORTS = {
     "FusedGelu": "gelu", "ReferenceGelu": "gelu", "make_gelu": "gelu",
     "BlasLinearProduct": "blas_linear", "ReferenceLinearProduct": "blas_linear", "make_linear_product": "blas_linear",
     "FusedAdamWUpdate": "adamw", "AdamWUpdateReference": "adamw", "make_adamw_update": "adamw",
+    "FusedSumSquares": "sum_squares", "ReferenceSumSquares": "sum_squares", "make_sum_squares": "sum_squares",
 }
 
 __all__ = sorted(_EXPORTS)
