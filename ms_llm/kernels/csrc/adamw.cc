@@ -27,9 +27,9 @@
 
 namespace {
 
+using ms_llm_kernels::ForEachChunk;
 using ms_llm_kernels::IsFloat32;
-using ms_llm_kernels::NumThreads;
-using ms_llm_kernels::ParallelChunks;
+using ms_llm_kernels::NumElements;
 
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 17;
 constexpr int64_t kChunk = int64_t{1} << 15;
@@ -57,12 +57,6 @@ void Update(const Step &s, int64_t i0, int64_t i1) {
   }
 }
 
-int64_t Elements(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int d = 0; d < ndim; ++d) n *= shape[d];
-  return n;
-}
-
 }  // namespace
 
 // Return codes: 0 ok; 1 wrong parameter count; 2 shapes disagree (param, m, v, grad not one shape; scalars not (7,);
@@ -75,8 +69,8 @@ ADAMW_EXPORT int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **sh
   for (int i = 1; i < 4; ++i) {
     if (ndims[i] != ndims[0] || !std::equal(shapes[0], shapes[0] + ndims[0], shapes[i])) return 2;
   }
-  if (ndims[4] != 1 || shapes[4][0] != 7 || Elements(ndims[5], shapes[5]) != 1 || ndims[5] > 1 ||
-      Elements(ndims[6], shapes[6]) != 1) {
+  if (ndims[4] != 1 || shapes[4][0] != 7 || NumElements(ndims[5], shapes[5]) != 1 || ndims[5] > 1 ||
+      NumElements(ndims[6], shapes[6]) != 1) {
     return 2;
   }
   for (int i = 0; i < nparam; ++i) {
@@ -88,9 +82,7 @@ ADAMW_EXPORT int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **sh
                static_cast<const float *>(params[3]), sc[0], sc[1], sc[2], sc[3], wd * sc[4], sc[5]};
   static_cast<float *>(params[6])[0] = 0.0f;
   if (sc[6] == 0.0f) return 0;  // a skipped step
-  const int64_t n = Elements(ndims[0], shapes[0]);
-  const int n_threads = n < kMinElemsForThreads ? 1 : NumThreads();
-  ParallelChunks((n + kChunk - 1) / kChunk, n_threads,
-                 [&](int64_t c, int) { Update(s, c * kChunk, std::min(n, (c + 1) * kChunk)); });
+  ForEachChunk(NumElements(ndims[0], shapes[0]), kChunk, kMinElemsForThreads,
+               [&](int64_t, int64_t begin, int64_t end) { Update(s, begin, end); });
   return 0;
 }

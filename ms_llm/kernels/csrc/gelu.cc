@@ -28,9 +28,9 @@
 
 namespace {
 
+using ms_llm_kernels::ForEachChunk;
 using ms_llm_kernels::IsFloat32;
-using ms_llm_kernels::NumThreads;
-using ms_llm_kernels::ParallelChunks;
+using ms_llm_kernels::NumElements;
 
 constexpr int64_t kChunk = int64_t{1} << 14;                // elements per work chunk (64 KiB of float32)
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 16;
@@ -108,22 +108,6 @@ void TanhBwd(const float *x, const float *dy, float *dx, int64_t n) {
   }
 }
 
-// Runs body(begin, count) over chunks of [0, n) on the CPUs.
-template <typename Body>
-void ForChunks(int64_t n, Body body) {
-  const int threads = n < kMinElemsForThreads ? 1 : NumThreads();
-  ParallelChunks((n + kChunk - 1) / kChunk, threads, [&](int64_t c, int) {
-    const int64_t b = c * kChunk;
-    body(b, std::min(kChunk, n - b));
-  });
-}
-
-int64_t Elements(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
-}
-
 bool SameShape(int *ndims, int64_t **shapes, int a, int b) {
   return ndims[a] == ndims[b] && std::equal(shapes[a], shapes[a] + ndims[a], shapes[b]);
 }
@@ -148,11 +132,11 @@ GELU_EXPORT int GeluFwd(int nparam, void **params, int *ndims, int64_t **shapes,
   const auto *x = static_cast<const float *>(params[0]);
   auto *y = static_cast<float *>(params[2]);
   const bool exact = p[0] == 0.0f;
-  ForChunks(Elements(ndims[0], shapes[0]), [&](int64_t b, int64_t n) {
+  ForEachChunk(NumElements(ndims[0], shapes[0]), kChunk, kMinElemsForThreads, [&](int64_t, int64_t b, int64_t e) {
     if (exact) {
-      ExactFwd(x + b, y + b, n);
+      ExactFwd(x + b, y + b, e - b);
     } else {
-      TanhFwd(x + b, y + b, n);
+      TanhFwd(x + b, y + b, e - b);
     }
   });
   return 0;
@@ -175,11 +159,11 @@ GELU_EXPORT int GeluBwd(int nparam, void **params, int *ndims, int64_t **shapes,
   const auto *dy = static_cast<const float *>(params[1]);
   auto *dx = static_cast<float *>(params[3]);
   const bool exact = p[0] == 0.0f;
-  ForChunks(Elements(ndims[0], shapes[0]), [&](int64_t b, int64_t n) {
+  ForEachChunk(NumElements(ndims[0], shapes[0]), kChunk, kMinElemsForThreads, [&](int64_t, int64_t b, int64_t e) {
     if (exact) {
-      ExactBwd(x + b, dy + b, dx + b, n);
+      ExactBwd(x + b, dy + b, dx + b, e - b);
     } else {
-      TanhBwd(x + b, dy + b, dx + b, n);
+      TanhBwd(x + b, dy + b, dx + b, e - b);
     }
   });
   return 0;

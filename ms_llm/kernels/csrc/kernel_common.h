@@ -82,6 +82,13 @@ inline int NumThreads() {
   return hc > 0 ? static_cast<int>(hc) : 1;
 }
 
+// Elements of a tensor of rank `ndim` and dimensions `shape` (1 for a scalar).
+inline int64_t NumElements(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  return n;
+}
+
 // Whether an aot call's dtype name is float32 (MindSpore passes "float32"; "float" is accepted too).
 inline bool IsFloat32(const char *s) { return std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0; }
 
@@ -104,6 +111,15 @@ int ParallelChunks(int64_t chunks, int threads, Body body) {
   work(0);
   for (auto &th : workers) th.join();
   return n;
+}
+
+// Runs body(c, begin, end) for the chunks [c * chunk, min(n, (c + 1) * chunk)) of a flat range [0, n): on every CPU
+// (ParallelChunks) when n >= min_elems_for_threads, else on the calling thread.
+template <typename Body>
+void ForEachChunk(int64_t n, int64_t chunk, int64_t min_elems_for_threads, Body body) {
+  ParallelChunks((n + chunk - 1) / chunk, n < min_elems_for_threads ? 1 : NumThreads(), [&](int64_t c, int) {
+    body(c, c * chunk, std::min(n, (c + 1) * chunk));
+  });
 }
 
 }  // namespace ms_llm_kernels

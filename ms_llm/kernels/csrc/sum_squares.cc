@@ -18,9 +18,9 @@
 
 namespace {
 
+using ms_llm_kernels::ForEachChunk;
 using ms_llm_kernels::IsFloat32;
-using ms_llm_kernels::NumThreads;
-using ms_llm_kernels::ParallelChunks;
+using ms_llm_kernels::NumElements;
 
 constexpr int64_t kChunk = int64_t{1} << 16;               // elements per work chunk (256 KiB)
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 18;
@@ -51,14 +51,11 @@ SS_EXPORT int SumSquares(int nparam, void **params, int *ndims, int64_t **shapes
   if (nparam != 2) return 1;
   if (ndims[1] != 1 || shapes[1][0] != 1) return 2;
   if (!IsFloat32(dtypes[0]) || !IsFloat32(dtypes[1])) return 3;
-  int64_t n = 1;
-  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const int64_t n = NumElements(ndims[0], shapes[0]);
   const auto *g = static_cast<const float *>(params[0]);
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1)), 0.0);
-  ParallelChunks(chunks, n < kMinElemsForThreads ? 1 : NumThreads(), [&](int64_t c, int) {
-    const int64_t b = c * kChunk;
-    partial[static_cast<size_t>(c)] = ChunkSum(g + b, std::min(kChunk, n - b));
+  std::vector<double> partial(static_cast<size_t>((n + kChunk - 1) / kChunk), 0.0);
+  ForEachChunk(n, kChunk, kMinElemsForThreads, [&](int64_t c, int64_t b, int64_t e) {
+    partial[static_cast<size_t>(c)] = ChunkSum(g + b, e - b);
   });
   double s = 0.0;
   for (const double p : partial) s += p;
