@@ -36,6 +36,7 @@ from mindspore import dtype as mstype
 from mindspore.ops import operations as P
 
 from ._build import build_library
+from ._device import kernel_device
 
 __all__ = ["ADAMW_IMPLS", "AdamWUpdateReference", "FusedAdamWUpdate", "make_adamw_update", "select_adamw_impl"]
 
@@ -72,23 +73,17 @@ class FusedAdamWUpdate(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.device = ms.get_context("device_target")
+        self.device = kernel_device("FusedAdamWUpdate", "make_adamw_update('reference')")
         if self.device == "CPU":
             lib = build_library("adamw.cc")
-            self.kernel = ops.Custom(f"{lib}:AdamWUpdate", out_shape=lambda *shapes: (1,),
-                                     out_dtype=lambda *dtypes: mstype.float32, func_type="aot")
-        elif self.device == "Ascend":
-            self.kernel = None
-            self.reference = AdamWUpdateReference()
+            self.impl = ops.Custom(f"{lib}:AdamWUpdate", out_shape=lambda *shapes: (1,),
+                                   out_dtype=lambda *dtypes: mstype.float32, func_type="aot")
         else:
-            raise ValueError(f"FusedAdamWUpdate supports device_target 'CPU' or 'Ascend', got {self.device!r}; use "
-                             f"make_adamw_update('reference') there")
+            self.impl = AdamWUpdateReference()
 
     def construct(self, param, m, v, grad, scalars, wd):
         _check_inputs(param, m, v, grad, scalars, wd)
-        if self.kernel is None:
-            return self.reference(param, m, v, grad, scalars, wd)
-        return self.kernel(param, m, v, grad, scalars, wd)                   # (1,)
+        return self.impl(param, m, v, grad, scalars, wd)                     # (1,)
 
 
 def make_adamw_update(impl: str) -> nn.Cell:

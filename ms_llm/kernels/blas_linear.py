@@ -18,11 +18,11 @@ rows (training and prefill); decode-sized products keep MindSpore's MatMul (see 
 
 from __future__ import annotations
 
-import mindspore as ms
 from mindspore import nn, ops
 from mindspore import dtype as mstype
 
 from ._build import build_library
+from ._device import kernel_device
 
 __all__ = ["LINEAR_PRODUCT_IMPLS", "ReferenceLinearProduct", "BlasLinearProduct", "make_linear_product"]
 
@@ -90,14 +90,8 @@ class BlasLinearProduct(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.device = ms.get_context("device_target")
-        if self.device == "CPU":
-            self.impl = _CpuBlasLinear()
-        elif self.device == "Ascend":
-            self.impl = ReferenceLinearProduct()
-        else:
-            raise ValueError(f"BlasLinearProduct supports device_target 'CPU' or 'Ascend', got {self.device!r}; use "
-                             f"make_linear_product('reference') there")
+        self.device = kernel_device("BlasLinearProduct", "make_linear_product('reference')")
+        self.impl = _CpuBlasLinear() if self.device == "CPU" else ReferenceLinearProduct()
 
     def construct(self, x, w, b=None):
         _check_inputs(x, w, b)

@@ -42,6 +42,7 @@ from mindspore import dtype as mstype
 
 from ..layers.mlp import Activation
 from ._build import build_library
+from ._device import kernel_device
 from .attention import _MASK_FILL
 
 __all__ = ["LAYER_IMPLS", "FUSED_MAX_BATCH", "DecodeLayerReference", "FusedDecodeLayer", "make_decode_layer",
@@ -194,15 +195,12 @@ class FusedDecodeLayer(_DecodeLayerBase):
 
     def __init__(self, num_heads: int, eps: float, scale: float, activation: str):
         super().__init__(num_heads, eps, scale, activation)
-        self.device = ms.get_context("device_target")
+        self.device = kernel_device("FusedDecodeLayer", "make_decode_layer('composite', ...)")
         if self.device == "CPU":
             self.impl = _CpuDecodeLayer()
             self.params = Tensor(np.array([self.eps, self.scale, ACTIVATIONS[activation]], np.float32))
-        elif self.device == "Ascend":
-            self.impl = DecodeLayerReference(num_heads, eps, scale, activation)
         else:
-            raise ValueError(f"FusedDecodeLayer supports device_target 'CPU' or 'Ascend', got {self.device!r}; use "
-                             f"make_decode_layer('composite', ...) there")
+            self.impl = DecodeLayerReference(num_heads, eps, scale, activation)
 
     def construct(self, x, ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2, k_cache,
                   v_cache, key_mask, slot):

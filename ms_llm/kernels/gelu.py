@@ -20,11 +20,11 @@ shape; gradients flow to ``x``. A dtype other than float32 raises ValueError, be
 from __future__ import annotations
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ._build import build_library
+from ._device import kernel_device
 
 __all__ = ["GELU_IMPLS", "GELU_KINDS", "ReferenceGelu", "FusedGelu", "make_gelu"]
 
@@ -89,14 +89,8 @@ class FusedGelu(nn.Cell):
     def __init__(self, kind: str):
         super().__init__()
         _check_kind(kind)
-        self.device = ms.get_context("device_target")
-        if self.device == "CPU":
-            self.impl = _CpuGelu(kind)
-        elif self.device == "Ascend":
-            self.impl = ReferenceGelu(kind)
-        else:
-            raise ValueError(f"FusedGelu supports device_target 'CPU' or 'Ascend', got {self.device!r}; use "
-                             f"make_gelu('reference', kind) there")
+        self.device = kernel_device("FusedGelu", "make_gelu('reference', kind)")
+        self.impl = _CpuGelu(kind) if self.device == "CPU" else ReferenceGelu(kind)
 
     def construct(self, x):
         _check_input(x)

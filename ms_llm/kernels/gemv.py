@@ -28,6 +28,7 @@ from mindspore import nn, ops
 from mindspore import dtype as mstype
 
 from ._build import build_library
+from ._device import kernel_device
 
 __all__ = ["GEMV_IMPLS", "HEAD_IMPLS", "GEMV_MAX_BATCH", "MatMulNT", "Gemv", "make_gemv", "select_head_impl"]
 
@@ -97,14 +98,8 @@ class Gemv(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.device = ms.get_context("device_target")
-        if self.device == "CPU":
-            self.impl = _CpuGemv()
-        elif self.device == "Ascend":
-            self.impl = MatMulNT()
-        else:
-            raise ValueError(f"Gemv supports device_target 'CPU' or 'Ascend', got {self.device!r}; use "
-                             f"make_gemv('matmul') there")
+        self.device = kernel_device("Gemv", "make_gemv('matmul')")
+        self.impl = _CpuGemv() if self.device == "CPU" else MatMulNT()
 
     def construct(self, x, w):
         _check_inputs(x.shape, w.shape, x.dtype, w.dtype)

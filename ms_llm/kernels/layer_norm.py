@@ -18,11 +18,11 @@ anything is compiled.
 from __future__ import annotations
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ._build import build_library
+from ._device import kernel_device
 
 __all__ = ["LAYER_NORM_IMPLS", "ReferenceLayerNorm", "FusedLayerNorm", "make_layer_norm"]
 
@@ -82,14 +82,8 @@ class FusedLayerNorm(nn.Cell):
 
     def __init__(self, eps: float):
         super().__init__()
-        self.device = ms.get_context("device_target")
-        if self.device == "CPU":
-            self.impl = _CpuLayerNorm(eps)
-        elif self.device == "Ascend":
-            self.impl = ReferenceLayerNorm(eps)
-        else:
-            raise ValueError(f"FusedLayerNorm supports device_target 'CPU' or 'Ascend', got {self.device!r}; use "
-                             f"make_layer_norm('reference', eps) there")
+        self.device = kernel_device("FusedLayerNorm", "make_layer_norm('reference', eps)")
+        self.impl = _CpuLayerNorm(eps) if self.device == "CPU" else ReferenceLayerNorm(eps)
 
     def construct(self, x, gamma, beta):
         _check_inputs(x, gamma, beta)

@@ -16,11 +16,11 @@ ValueError before anything is compiled.
 
 from __future__ import annotations
 
-import mindspore as ms
 from mindspore import nn, ops
 from mindspore import dtype as mstype
 
 from ._build import build_library
+from ._device import kernel_device
 
 __all__ = ["SUM_SQUARES_IMPLS", "sum_squares_ops", "ReferenceSumSquares", "FusedSumSquares", "make_sum_squares"]
 
@@ -53,24 +53,17 @@ class FusedSumSquares(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.device = ms.get_context("device_target")
+        self.device = kernel_device("FusedSumSquares", "make_sum_squares('reference')")
         if self.device == "CPU":
             lib = build_library("sum_squares.cc")
-            self.kernel = ops.Custom(f"{lib}:SumSquares", out_shape=lambda g: (1,), out_dtype=lambda g: g,
-                                     func_type="aot", bprop=lambda g, out, dout: (ops.zeros_like(g),))
-            self.reference = None
-        elif self.device == "Ascend":
-            self.kernel = None
-            self.reference = ReferenceSumSquares()
+            self.impl = ops.Custom(f"{lib}:SumSquares", out_shape=lambda g: (1,), out_dtype=lambda g: g,
+                                   func_type="aot", bprop=lambda g, out, dout: (ops.zeros_like(g),))
         else:
-            raise ValueError(f"FusedSumSquares supports device_target 'CPU' or 'Ascend', got {self.device!r}; use "
-                             f"make_sum_squares('reference') there")
+            self.impl = ReferenceSumSquares()
 
     def construct(self, g):
         _check_input(g)
-        if self.kernel is None:
-            return self.reference(g)
-        return self.kernel(g)                                                # (1,)
+        return self.impl(g)                                                  # (1,)
 
 
 def make_sum_squares(impl: str) -> nn.Cell:

@@ -1,0 +1,17 @@
+"""The device rule of the fused kernel cells: their C++ kernel on CPU, their reference (MindSpore's own ops) on
+Ascend, and on any other device an error naming the cell and what to use there."""
+
+from __future__ import annotations
+
+import mindspore as ms
+
+KERNEL_DEVICES = ("CPU", "Ascend")
+
+
+def kernel_device(cell: str, instead: str) -> str:
+    """``ms.get_context('device_target')`` if it is 'CPU' or 'Ascend'; otherwise ValueError naming ``cell`` and
+    ``instead`` (the reference to build there, e.g. ``"make_gemv('matmul')"``)."""
+    device = ms.get_context("device_target")
+    if device not in KERNEL_DEVICES:
+        raise ValueError(f"{cell} supports device_target 'CPU' or 'Ascend', got {device!r}; use {instead} there")
+    return device
