@@ -117,8 +117,10 @@ class GPTModel(nn.Cell):
             if made is not None:
                 ffn, returns_aux = made
         if ffn is None:
+            # GPT-2's MLP (and Megatron's) drops out the FFN output (the block does), not the intermediate
+            # activation: no inner dropout (HF GPT2MLP: c_fc -> act -> c_proj -> dropout).
             ffn = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, has_bias=cfg.use_bias,
-                              dropout_rate=cfg.dropout, init_std=cfg.initializer_range, out_init_std=out_std,
+                              dropout_rate=0.0, init_std=cfg.initializer_range, out_init_std=out_std,
                               compute_dtype=cfg.compute_dtype)
         return TransformerBlock(cfg, causal=True, band_width=layer_band_width(cfg, i), ffn=ffn,
                                 ffn_returns_aux=returns_aux, out_init_std=out_std)

@@ -59,6 +59,14 @@ def test_tiny_config_builds():
     assert n_params(GPTLMHeadModel(run.model)) == gpt_param_count(run.model) < 2_000_000
 
 
+def test_dropout_sites_are_gpt2s():
+    """GPT-2 (HF GPT2Block / GPT2MLP) drops out the embeddings, each sub-layer's output and no FFN activation."""
+    model = GPTModel(dataclasses.replace(TINY, dropout=0.1))
+    for block in model.blocks:
+        assert isinstance(block.drop, nn.Dropout)                      # attention output and FFN output
+        assert isinstance(block.ffn.dropout, nn.Identity)              # not the intermediate (B, S, F) activation
+
+
 def test_alternating_pattern_bands_odd_layers():
     assert [layer_band_width(TINY, i) for i in range(4)] == [0, 3, 0, 3]
     model = GPTLMHeadModel(TINY)
