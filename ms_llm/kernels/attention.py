@@ -2,6 +2,10 @@
 
 Both cells take ``q (B, nh, Sq, hd)``, ``k, v (B, nh, Sk, hd)`` (the caller repeats kv heads for GQA) and
 ``key_mask (B, Sk)`` float32 (1.0 = attend, 0.0 = padding) and return ``(B, nh, Sq, hd)`` in the input dtype.
+A cell built with ``layout='BSND'`` (the names of MindSpore's ``flash_attention_score``) takes and returns
+``(B, S, nh, hd)`` instead, the layout of a ``(B, S, nh * hd)`` projection reshaped: the fused core reads it in
+place, so a caller saves the head transposes (two copies of q, k, v and of the output, forward and backward);
+the reference core transposes.
 Key ``j`` is visible to query ``i`` iff ``key_mask[b, j] == 1`` and, when ``causal``, ``j <= i + (Sk - Sq)`` and,
 when ``band_width > 0`` (causal only), ``j > i + (Sk - Sq) - band_width`` (GPT-3's locally banded attention: a
 query sees itself and the previous ``band_width - 1`` keys). Queries are aligned to the end of the keys, so
@@ -40,9 +44,10 @@ from mindspore import dtype as mstype
 
 from ._build import build_library
 
-__all__ = ["ReferenceAttention", "FusedAttention", "make_attention", "ATTENTION_IMPLS"]
+__all__ = ["ReferenceAttention", "FusedAttention", "make_attention", "ATTENTION_IMPLS", "ATTENTION_LAYOUTS"]
 
 ATTENTION_IMPLS = ("reference", "fused")
+ATTENTION_LAYOUTS = ("BNSD", "BSND")     # q/k/v/out as (B, nh, S, hd) or (B, S, nh, hd)
 _INT32_MAX = 2147483647
 _MASK_FILL = -3.0e38  # finite, so a fully masked row gives a finite (then zeroed) softmax instead of NaN
 
@@ -62,9 +67,23 @@ def _check_config(head_dim, causal, band_width, scale):
     return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
 
 
-def _check_inputs(q_shape, k_shape, v_shape, m_shape, head_dim):
-    """Raises ValueError naming the shapes unless q (B, nh, Sq, hd), k = v (B, nh, Sk, hd), key_mask (B, Sk)."""
-    shapes = f"q {q_shape}, k {k_shape}, v {v_shape}, key_mask {m_shape}, head_dim {head_dim}"
+def _check_layout(layout):
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(ATTENTION_LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def _as_bnsd(shape, layout):
+    """``shape`` of a q/k/v/out tensor in ``layout`` as the (B, nh, S, hd) shape it stands for."""
+    if layout == "BSND" and len(shape) == 4:
+        return (shape[0], shape[2], shape[1], shape[3])
+    return tuple(shape)
+
+
+def _check_inputs(q_shape, k_shape, v_shape, m_shape, head_dim, given=""):
+    """Raises ValueError naming the shapes unless q (B, nh, Sq, hd), k = v (B, nh, Sk, hd), key_mask (B, Sk);
+    ``given`` (appended) names the shapes as passed when they were read in another layout."""
+    shapes = f"q {q_shape}, k {k_shape}, v {v_shape}, key_mask {m_shape}, head_dim {head_dim}{given}"
     if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4 or len(m_shape) != 2:
         raise ValueError(f"attention expects q (B, nh, Sq, hd), k and v (B, nh, Sk, hd), key_mask (B, Sk); "
                          f"got {shapes}")
@@ -122,14 +141,21 @@ def _visible_mask(key_mask, sq, sk, causal, band_width):
     return visible
 
 
-def _check_call(head_dim, has_bias, q, k, v, key_mask, bias):
-    """Every check of a core's call (shapes, dtypes, the bias against ``has_bias``), before compilation."""
-    _check_inputs(q.shape, k.shape, v.shape, key_mask.shape, head_dim)
+def _check_call(head_dim, has_bias, layout, q, k, v, key_mask, bias):
+    """Every check of a core's call (shapes, dtypes, the bias against ``has_bias``), before compilation. Shapes
+    are checked, and named in the messages, as the (B, nh, S, hd) shapes they stand for in ``layout``."""
+    q_shape = _as_bnsd(q.shape, layout)
+    k_shape = _as_bnsd(k.shape, layout)
+    v_shape = _as_bnsd(v.shape, layout)
+    given = ""
+    if layout == "BSND":
+        given = f" (layout BSND: q {q.shape}, k {k.shape}, v {v.shape} read as (B, S, nh, hd))"
+    _check_inputs(q_shape, k_shape, v_shape, key_mask.shape, head_dim, given)
     _check_dtypes(q.dtype, k.dtype, v.dtype)
     if bias is None:
-        _check_bias(has_bias, False, q.shape, k.shape, (), None)
+        _check_bias(has_bias, False, q_shape, k_shape, (), None)
     else:
-        _check_bias(has_bias, True, q.shape, k.shape, bias.shape, bias.dtype)
+        _check_bias(has_bias, True, q_shape, k_shape, bias.shape, bias.dtype)
 
 
 def _check_has_bias(has_bias):
@@ -142,10 +168,11 @@ class ReferenceAttention(nn.Cell):
     """softmax(q k^T * scale [+ bias] + mask) v from MindSpore ops; see the module docstring for the contract."""
 
     def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None,
-                 has_bias: bool = False):
+                 has_bias: bool = False, layout: str = "BNSD"):
         super().__init__()
         self.scale = _check_config(head_dim, causal, band_width, scale)
         self.has_bias = _check_has_bias(has_bias)
+        self.layout = _check_layout(layout)
         self.head_dim = head_dim
         self.causal = causal
         self.band_width = band_width
@@ -153,7 +180,14 @@ class ReferenceAttention(nn.Cell):
         self.pv = ops.BatchMatMul()
 
     def construct(self, q, k, v, key_mask, bias=None):
-        _check_call(self.head_dim, self.has_bias, q, k, v, key_mask, bias)
+        _check_call(self.head_dim, self.has_bias, self.layout, q, k, v, key_mask, bias)
+        if self.layout == "BSND":
+            out = self.bnsd(ops.transpose(q, (0, 2, 1, 3)), ops.transpose(k, (0, 2, 1, 3)),
+                            ops.transpose(v, (0, 2, 1, 3)), key_mask, bias)            # (B, nh, Sq, hd)
+            return ops.transpose(out, (0, 2, 1, 3))                                    # (B, Sq, nh, hd)
+        return self.bnsd(q, k, v, key_mask, bias)
+
+    def bnsd(self, q, k, v, key_mask, bias):
         sq = q.shape[2]
         sk = k.shape[2]
         scores = ops.cast(self.qk(q, k), mstype.float32) * self.scale       # (B, nh, Sq, Sk)
@@ -176,13 +210,16 @@ class _CpuFlashAttention(nn.Cell):
     a 6-input op on one symbol would collide in a graph holding both (Switch: biased self-, unbiased cross-attention).
     """
 
-    def __init__(self, scale: float, causal: bool, band_width: int, has_bias: bool = False):
+    def __init__(self, scale: float, causal: bool, band_width: int, has_bias: bool = False, layout: str = "BNSD"):
         super().__init__()
         self.has_bias = has_bias
         lib = build_library("flash_attention.cc")
-        self.params = Tensor(np.array([scale, 1.0 if causal else 0.0, band_width], np.float32))
+        bsnd = layout == "BSND"
+        self.params = Tensor(np.array([scale, 1.0 if causal else 0.0, band_width, 1.0 if bsnd else 0.0], np.float32))
+        # lse is (B, nh, Sq) in both layouts
+        lse_shape = (lambda q: [q[0], q[2], q[1]]) if bsnd else (lambda q: q[:3])
         if has_bias:
-            self.fwd = self._biased_op(lib)
+            self.fwd = self._biased_op(lib, lse_shape)
             return
         bwd = ops.Custom(
             f"{lib}:FlashAttentionBwd",
@@ -197,14 +234,14 @@ class _CpuFlashAttention(nn.Cell):
 
         self.fwd = ops.Custom(
             f"{lib}:FlashAttentionFwd",
-            out_shape=lambda q, k, v, m, p: (q, q[:3]),       # out (B, nh, Sq, hd), lse (B, nh, Sq)
+            out_shape=lambda q, k, v, m, p: (q, lse_shape(q)),   # out like q, lse (B, nh, Sq)
             out_dtype=lambda q, k, v, m, p: (q, mstype.float32),
             func_type="aot",
             bprop=bprop,
         )
 
     @staticmethod
-    def _biased_op(lib):
+    def _biased_op(lib, lse_shape):
         bwd = ops.Custom(
             f"{lib}:FlashAttentionBiasBwd",
             out_shape=lambda q, k, v, m, p, b, o, do, lse: (q, k, v, b),
@@ -218,7 +255,7 @@ class _CpuFlashAttention(nn.Cell):
 
         return ops.Custom(
             f"{lib}:FlashAttentionBiasFwd",
-            out_shape=lambda q, k, v, m, p, b: (q, q[:3]),    # out (B, nh, Sq, hd), lse (B, nh, Sq)
+            out_shape=lambda q, k, v, m, p, b: (q, lse_shape(q)),   # out like q, lse (B, nh, Sq)
             out_dtype=lambda q, k, v, m, p, b: (q, mstype.float32),
             func_type="aot",
             bprop=bprop,
@@ -278,7 +315,8 @@ class _AscendFlashAttention(nn.Cell):
     """MindSpore's FlashAttentionScore (Ascend only): float16 compute, explicit (B, 1, Sq, Sk) mask; the additive
     bias goes to its ``real_shift`` input (see :func:`_ascend_bias_args`)."""
 
-    def __init__(self, head_dim: int, scale: float, causal: bool, band_width: int, has_bias: bool = False):
+    def __init__(self, head_dim: int, scale: float, causal: bool, band_width: int, has_bias: bool = False,
+                 layout: str = "BNSD"):
         super().__init__()
         if head_dim % 16 != 0 or head_dim > 512:
             raise ValueError(f"ops.flash_attention_score needs head_dim a multiple of 16 and <= 512, got {head_dim}")
@@ -286,11 +324,13 @@ class _AscendFlashAttention(nn.Cell):
         self.causal = causal
         self.band_width = band_width
         self.has_bias = has_bias
+        self.layout = layout
+        self.s_axis = 1 if layout == "BSND" else 2
 
     def construct(self, q, k, v, key_mask, bias=None):
-        nh = q.shape[1]
-        sq = q.shape[2]
-        sk = k.shape[2]
+        nh = q.shape[3 - self.s_axis]
+        sq = q.shape[self.s_axis]
+        sk = k.shape[self.s_axis]
         sparse_mode, pre_tokens, next_tokens = _ascend_fa_args(self.causal, self.band_width, sq, sk)
         visible = _visible_mask(key_mask, sq, sk, self.causal, self.band_width)     # (B, 1, Sq, Sk)
         attn_mask = ops.cast(ops.logical_not(visible), mstype.uint8)                # (B, 1, Sq, Sk) 1 = masked
@@ -298,9 +338,11 @@ class _AscendFlashAttention(nn.Cell):
         out = ops.flash_attention_score(
             query, ops.cast(k, mstype.float16), ops.cast(v, mstype.float16), nh, real_shift=real_shift,
             attn_mask=attn_mask, scalar_value=scalar_value, pre_tokens=pre_tokens, next_tokens=next_tokens,
-            input_layout="BNSD", sparse_mode=sparse_mode)                           # (B, nh, Sq, hd)
+            input_layout=self.layout, sparse_mode=sparse_mode)                      # like q
         row_any = ops.cast(ops.any(visible, -1, keep_dims=True), mstype.float16)  # (B, 1, Sq, 1)
-        return ops.cast(out * row_any, q.dtype)                                    # (B, nh, Sq, hd)
+        if self.layout == "BSND":
+            row_any = ops.transpose(row_any, (0, 2, 1, 3))                         # (B, Sq, 1, 1)
+        return ops.cast(out * row_any, q.dtype)                                    # like q
 
 
 class FusedAttention(nn.Cell):
@@ -308,34 +350,37 @@ class FusedAttention(nn.Cell):
     :class:`ReferenceAttention`."""
 
     def __init__(self, head_dim: int, causal: bool = False, band_width: int = 0, scale: float | None = None,
-                 has_bias: bool = False):
+                 has_bias: bool = False, layout: str = "BNSD"):
         super().__init__()
         self.scale = _check_config(head_dim, causal, band_width, scale)
         self.has_bias = _check_has_bias(has_bias)
+        self.layout = _check_layout(layout)
         self.head_dim = head_dim
         self.causal = causal
         self.band_width = band_width
         self.device = ms.get_context("device_target")
         if self.device == "Ascend":
-            self.impl = _AscendFlashAttention(head_dim, self.scale, causal, band_width, has_bias)
+            self.impl = _AscendFlashAttention(head_dim, self.scale, causal, band_width, has_bias, layout)
         elif self.device == "CPU":
-            self.impl = _CpuFlashAttention(self.scale, causal, band_width, has_bias)
+            self.impl = _CpuFlashAttention(self.scale, causal, band_width, has_bias, layout)
         else:
             raise ValueError(f"FusedAttention supports device_target 'CPU' or 'Ascend', got {self.device!r}; "
                              f"use make_attention('reference', ...) there")
 
     def construct(self, q, k, v, key_mask, bias=None):
-        _check_call(self.head_dim, self.has_bias, q, k, v, key_mask, bias)
+        _check_call(self.head_dim, self.has_bias, self.layout, q, k, v, key_mask, bias)
         if bias is None:
             return self.impl(q, k, v, key_mask)
         return self.impl(q, k, v, key_mask, bias)
 
 
 def make_attention(impl: str, head_dim: int, causal: bool = False, band_width: int = 0,
-                   scale: float | None = None, has_bias: bool = False) -> nn.Cell:
-    """The attention core named by ``impl`` ('reference' or 'fused'); ``has_bias`` adds the bias input."""
+                   scale: float | None = None, has_bias: bool = False, layout: str = "BNSD") -> nn.Cell:
+    """The attention core named by ``impl`` ('reference' or 'fused'); ``has_bias`` adds the bias input;
+    ``layout`` ('BNSD' or 'BSND') is the q/k/v/out layout."""
+    kw = dict(causal=causal, band_width=band_width, scale=scale, has_bias=has_bias, layout=layout)
     if impl == "reference":
-        return ReferenceAttention(head_dim, causal=causal, band_width=band_width, scale=scale, has_bias=has_bias)
+        return ReferenceAttention(head_dim, **kw)
     if impl == "fused":
-        return FusedAttention(head_dim, causal=causal, band_width=band_width, scale=scale, has_bias=has_bias)
+        return FusedAttention(head_dim, **kw)
     raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")

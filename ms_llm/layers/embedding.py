@@ -64,10 +64,14 @@ def rotary_tables(num: int, dim: int, theta: float):
 
 
 class RotaryEmbedding(nn.Cell):
-    """Applies RoPE (Su et al. 2021) to q/k of shape (B, nh, S, hd) at given positions (B, S)."""
+    """Applies RoPE (Su et al. 2021) to q/k of shape (B, nh, S, hd) (``layout`` 'BNSD') or (B, S, nh, hd)
+    ('BSND') at given positions (B, S)."""
 
-    def __init__(self, max_positions: int, dim: int, theta: float = 10000.0):
+    def __init__(self, max_positions: int, dim: int, theta: float = 10000.0, layout: str = "BNSD"):
         super().__init__()
+        if layout not in ("BNSD", "BSND"):
+            raise ValueError(f"RotaryEmbedding layout must be 'BNSD' or 'BSND', got {layout!r}")
+        self.head_axis = 2 if layout == "BSND" else 1
         cos, sin = rotary_tables(max_positions, dim, theta)
         self.cos = Parameter(Tensor(cos), name="cos", requires_grad=False)
         self.sin = Parameter(Tensor(sin), name="sin", requires_grad=False)
@@ -81,8 +85,8 @@ class RotaryEmbedding(nn.Cell):
         return self.concat((-x2, x1))                                     # (B, nh, S, hd)
 
     def construct(self, x, positions):
-        cos = ops.expand_dims(self.gather(self.cos, positions, 0), 1)    # (B, 1, S, hd)
-        sin = ops.expand_dims(self.gather(self.sin, positions, 0), 1)    # (B, 1, S, hd)
+        cos = ops.expand_dims(self.gather(self.cos, positions, 0), self.head_axis)  # (B, 1, S, hd) / (B, S, 1, hd)
+        sin = ops.expand_dims(self.gather(self.sin, positions, 0), self.head_axis)  # (B, 1, S, hd) / (B, S, 1, hd)
         dtype = x.dtype
         x = ops.cast(x, ms.float32)
         return ops.cast(x * cos + self.rotate_half(x) * sin, dtype)

@@ -520,7 +520,7 @@ def test_generic_isa_build_matches_numpy(tmp_path):
     lib = ctypes.CDLL(path)
     q, k, v, key_mask, dout = make_inputs(9, 2, 2, 70, 75, 24, pad=5)
     scale = 0.3
-    params = np.array([scale, 1.0, 33.0], np.float32)                   # causal, band_width 33
+    params = np.array([scale, 1.0, 33.0, 0.0], np.float32)              # causal, band_width 33, BNSD
     out = np.zeros_like(q)
     lse = np.zeros(q.shape[:3], np.float32)
     f32 = ["float32"] * 7
@@ -533,8 +533,10 @@ def test_generic_isa_build_matches_numpy(tmp_path):
     for what, e, g in zip(("dq", "dk", "dv"), np_attention_grads(q, k, v, p, dout, scale), (dq, dk, dv)):
         np.testing.assert_allclose(g, e, rtol=F32_TOL, atol=F32_TOL, err_msg=what)
     # a contract violation (band without causal) is refused with a nonzero status, not computed
-    bad = np.array([scale, 0.0, 3.0], np.float32)
+    bad = np.array([scale, 0.0, 3.0, 0.0], np.float32)
     assert call_aot(lib, "FlashAttentionFwd", [q, k, v, key_mask, bad, out, lse], f32) != 0
+    for bad in (np.array([scale, 1.0, 33.0], np.float32), np.array([scale, 1.0, 33.0, 2.0], np.float32)):
+        assert call_aot(lib, "FlashAttentionFwd", [q, k, v, key_mask, bad, out, lse], f32) != 0  # no/bad layout
     # with a bias shared by the batch (the Bias entry points); dbias starts as NaN: every element must be written
     bias = make_bias(10, 1, 2, 70, 75)
     assert call_aot(lib, "FlashAttentionBiasFwd", [q, k, v, key_mask, params, bias, out, lse], f32 + ["float32"]) == 0
@@ -557,6 +559,84 @@ def test_generic_isa_build_matches_numpy(tmp_path):
     short = np.zeros((1, 2, 70, 74), np.float32)                       # Sk - 1 keys: refused
     assert call_aot(lib, "FlashAttentionBiasFwd", [q, k, v, key_mask, params, short, out, lse], f32 + ["float32"]) != 0
     assert call_aot(lib, "FlashAttentionFwd", [q, k, v, key_mask, params, bias, out, lse], f32 + ["float32"]) != 0
+
+
+def test_aot_bsnd_layout_matches_numpy():
+    """The kernels with params[3] = 1 read q/k/v/dout and write out/dq/dk/dv as (B, S, H, D); lse stays (B, H, Sq).
+    Outputs start as NaN: every element must be written."""
+    lib = ctypes.CDLL(_build.build_library("flash_attention.cc"))
+    q, k, v, key_mask, dout = make_inputs(21, 2, 3, 70, 75, 24, pad=5)
+    bsnd = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k, v, dout)]
+    params = np.array([0.3, 1.0, 33.0, 1.0], np.float32)
+    out = np.full(bsnd[0].shape, np.nan, np.float32)
+    lse = np.full((2, 3, 70), np.nan, np.float32)
+    assert call_aot(lib, "FlashAttentionFwd", [*bsnd[:3], key_mask, params, out, lse], ["float32"] * 7) == 0
+    expected, p = np_attention(q, k, v, key_mask, True, 33, scale=0.3)
+    np.testing.assert_allclose(out, expected.transpose(0, 2, 1, 3), rtol=F32_TOL, atol=F32_TOL)
+    grads = [np.full(x.shape, np.nan, np.float32) for x in bsnd[:3]]
+    args = [*bsnd[:3], key_mask, params, out, bsnd[3], lse, *grads]
+    assert call_aot(lib, "FlashAttentionBwd", args, ["float32"] * 11) == 0
+    for what, e, g in zip(("dq", "dk", "dv"), np_attention_grads(q, k, v, p, dout, 0.3), grads):
+        np.testing.assert_allclose(g, e.transpose(0, 2, 1, 3), rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+    # a k whose head count differs from q's (as BSND reads it) is refused
+    k_bad = np.zeros((2, 75, 2, 24), np.float32)
+    assert call_aot(lib, "FlashAttentionFwd", [bsnd[0], k_bad, k_bad, key_mask, params, out, lse],
+                    ["float32"] * 7) != 0
+
+
+def bsnd(x):
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3))
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("name", ["causal_hd32", "cross_hd32", "band_hd64", "decode_hd64"])
+def test_bsnd_layout_matches_bnsd(impl, name):
+    """A core built with layout='BSND' on (B, S, nh, hd) inputs gives the BNSD reference's out/dq/dk/dv with the
+    same axes swapped (fused: forward and backward kernels read and write in place)."""
+    b, nh, sq, sk, hd, causal, band, pad = FUSED_CASES[name]
+    q, k, v, key_mask, dout = make_inputs(22, b, nh, sq, sk, hd, pad=pad)
+    ref = run(ReferenceAttention(hd, causal=causal, band_width=band), q, k, v, key_mask, dout)
+    got = run(make_attention(impl, hd, causal=causal, band_width=band, layout="BSND"), bsnd(q), bsnd(k), bsnd(v),
+              key_mask, bsnd(dout))
+    for what, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
+        assert g.shape == bsnd(r).shape, what
+        np.testing.assert_allclose(g, bsnd(r), rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_bsnd_layout_with_bias_matches_bnsd(impl):
+    b, nh, sq, sk, hd, causal, band, pad, bb = BIAS_CASES["shared_band_3_batches"]
+    q, k, v, key_mask, dout = make_inputs(23, b, nh, sq, sk, hd, pad=pad)
+    bias = make_bias(24, bb, nh, sq, sk)
+    kw = dict(causal=causal, band_width=band, has_bias=True)
+    ref = run_biased(ReferenceAttention(hd, **kw), q, k, v, key_mask, bias, dout)
+    got = run_biased(make_attention(impl, hd, layout="BSND", **kw), bsnd(q), bsnd(k), bsnd(v), key_mask, bias,
+                     bsnd(dout))
+    for what, r, g in zip(BIAS_NAMES, ref, got):
+        r = r if what == "dbias" else bsnd(r)
+        np.testing.assert_allclose(g, r, rtol=F32_TOL, atol=F32_TOL, err_msg=what)
+
+
+def test_bsnd_fused_fp16_matches_reference():
+    b, nh, sq, sk, hd, causal, band, pad = FUSED_CASES["causal_hd32"]
+    q, k, v, key_mask, dout = make_inputs(25, b, nh, sq, sk, hd, dtype=np.float16, pad=pad)
+    ref = run(ReferenceAttention(hd, causal=causal), q, k, v, key_mask, dout)
+    got = run(FusedAttention(hd, causal=causal, layout="BSND"), bsnd(q), bsnd(k), bsnd(v), key_mask, bsnd(dout))
+    for what, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
+        assert g.dtype == np.float16, what
+        np.testing.assert_allclose(g.astype(np.float32), bsnd(r).astype(np.float32), rtol=F16_TOL, atol=F16_TOL,
+                                   err_msg=what)
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_bsnd_bad_shapes_name_the_layout(impl):
+    net = make_attention(impl, 16, layout="BSND")
+    q = Tensor(np.zeros((2, 9, 3, 16), np.float32))                   # (B, S, nh, hd)
+    k = Tensor(np.zeros((2, 9, 2, 16), np.float32))                   # 2 heads against q's 3
+    with pytest.raises(ValueError, match=r"layout BSND: q \(2, 9, 3, 16\), k \(2, 9, 2, 16\)"):
+        net(q, k, k, Tensor(np.ones((2, 9), np.float32)))
+    with pytest.raises(ValueError, match="layout must be one of BNSD, BSND, got 'BHSD'"):
+        make_attention(impl, 16, layout="BHSD")
 
 
 def test_build_failure_reports_compiler_output(tmp_path):

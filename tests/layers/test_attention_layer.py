@@ -1,4 +1,5 @@
-"""The Attention layer (projections, GQA, RoPE, masks) against an independent numpy transcription (tol 1e-5)."""
+"""The Attention layer (projections, GQA, RoPE, masks) against an independent numpy transcription (tol 1e-5), with
+the reference core (heads as (B, nh, S, hd)) and the fused one (heads as (B, S, nh, hd), no transposes)."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -56,10 +57,12 @@ def np_attention(layer, x, kv, key_mask, causal, band, rope_theta=None):
     (2, True, True, 0, False),           # Llama: GQA + RoPE
     (None, False, False, 0, True),       # decoder cross-attention, Sk != Sq
 ])
-def test_attention_layer_matches_numpy(rng, kv_heads, rotary, causal, band, cross):
-    cfg = ModelConfig(hidden_size=32, num_heads=4, num_kv_heads=kv_heads,
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_attention_layer_matches_numpy(rng, kv_heads, rotary, causal, band, cross, impl):
+    cfg = ModelConfig(hidden_size=32, num_heads=4, num_kv_heads=kv_heads, attention_impl=impl,
                       position_embedding="rotary" if rotary else "learned", max_position_embeddings=16)
     layer = Attention(cfg, causal=causal, band_width=band, cross=cross)
+    assert layer.layout == ("BSND" if impl == "fused" else "BNSD")
     for _, p in layer.parameters_and_names():
         if p.requires_grad:
             p.set_data(Tensor(rng.normal(0, 0.3, p.shape).astype(np.float32)))

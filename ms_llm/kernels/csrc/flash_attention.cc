@@ -7,12 +7,14 @@
 //          FlashAttentionBiasBwd(q, k, v, key_mask, params, bias, out, dout, lse) -> (dq, dk, dv, dbias)
 //   (separate symbols, not an optional argument: MindSpore identifies a Custom op with a bprop by its function
 //   name, so two ops on one symbol with different arities collide in a graph that holds both)
-//   q (B, H, Sq, D), k/v (B, H, Sk, D): float32 or float16 (all three the same);
+//   q (B, H, Sq, D), k/v (B, H, Sk, D): float32 or float16 (all three the same); with layout 1 (BSND) instead
+//   q (B, Sq, H, D), k/v (B, Sk, H, D), and out, dout, dq, dk, dv likewise (the layout of a (B, S, H*D)
+//   projection reshaped, so the caller needs no head transposes);
 //   key_mask (B, Sk) float32, 1 = attend, 0 = padding (a value > 0.5 counts as 1);
-//   params (3,) float32 = [scale, causal (0/1), band_width (0 = no band)];
+//   params (4,) float32 = [scale, causal (0/1), band_width (0 = no band), layout (0 = BNSD, 1 = BSND)];
 //   bias (Bb, H, Sq, Sk) float32 with Bb = 1 (shared by the batch) or B, added to the scaled scores:
 //   s = q k^T * scale + bias;
-//   out (B, H, Sq, D) in the input dtype; lse (B, H, Sq) float32, -inf for a row with no visible key;
+//   out (B, H, Sq, D) in the input dtype (BSND: (B, Sq, H, D)); lse (B, H, Sq) float32 in both layouts, -inf for a row with no visible key;
 //   dq/dk/dv in the input dtype; dbias (Bb, H, Sq, Sk) float32 = dL/ds (summed over the batch when Bb = 1; zero
 //   where the key is not visible).
 // Key j is visible to query i iff key_mask[b, j] > 0.5 and, when causal, j <= i + (Sk - Sq) and, when
@@ -199,6 +201,12 @@ struct Problem {
   int64_t band = 0;
   int64_t offset = 0;       // Sk - Sq: query i is aligned with key i + offset
   int64_t Bb = 0;           // bias batch: 0 = no bias, 1 = shared by the batch, B = per sequence
+  bool bsnd = false;        // q/k/v/out and their gradients are (B, S, H, D) instead of (B, H, S, D)
+
+  // Element offset of row r (of S rows) of head `head` (= b * H + h) in a q/k/v-shaped tensor.
+  int64_t RowOffset(int64_t head, int64_t r, int64_t S) const {
+    return bsnd ? (((head / H) * S + r) * H + head % H) * D : (head * S + r) * D;
+  }
 
   // The (Sq, Sk) bias block of head `head` (= b * H + h).
   int64_t BiasHead(int64_t head) const { return Bb == 1 ? head % H : head; }
@@ -258,18 +266,19 @@ void ParallelRanges(const std::vector<double> &cost, Fn fn) {
   for (auto &w : workers) w.join();
 }
 
-// Copies rows [r0, r0 + rows) of head `head` of a (B*H, S, D) tensor into dst (rows_alloc x Dp), zero padded.
-void LoadRows(const void *src, DType dt, int64_t head, int64_t S, int64_t D, int64_t Dp, int64_t r0, int64_t rows,
+// Copies rows [r0, r0 + rows) (of S) of head `head` of a q/k/v-shaped tensor (p's layout) into dst
+// (rows_alloc x Dp), zero padded.
+void LoadRows(const Problem &p, const void *src, int64_t head, int64_t S, int64_t r0, int64_t rows,
               int64_t rows_alloc, float *dst) {
+  const int64_t D = p.D, Dp = p.Dp;
   std::fill(dst, dst + rows_alloc * Dp, 0.0f);
-  const int64_t base = head * S * D;
   for (int64_t r = 0; r < rows && r0 + r < S; ++r) {
-    const int64_t off = base + (r0 + r) * D;
+    const int64_t off = p.RowOffset(head, r0 + r, S);
     float *d = dst + r * Dp;
-    if (dt == DType::kF32) {
+    if (p.dt == DType::kF32) {
       std::memcpy(d, static_cast<const float *>(src) + off, sizeof(float) * D);
     } else {
-      for (int64_t c = 0; c < D; ++c) d[c] = LoadElem(src, dt, off + c);
+      for (int64_t c = 0; c < D; ++c) d[c] = LoadElem(src, p.dt, off + c);
     }
   }
 }
@@ -307,15 +316,15 @@ void ForwardRange(const Problem &p, const void *q, const void *k, const void *v,
     const int64_t head = t / n_rt, rt = t % n_rt;
     if (head != loaded) {
       LoadKeyMask(p, kmask, head / p.H, km.data());
-      LoadRows(k, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, Ktmp.data());
+      LoadRows(p, k, head, p.Sk, 0, p.Sk, Skp, Ktmp.data());
       PackTransposedTiles(Ktmp.data(), Skp, Dp, Kt.data());
-      LoadRows(v, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, V.data());
+      LoadRows(p, v, head, p.Sk, 0, p.Sk, Skp, V.data());
       loaded = head;
     }
     const int64_t r0 = rt * kBR;
     const int nr = static_cast<int>(std::min<int64_t>(kBR, p.Sq - r0));
     const int mr = static_cast<int>(RoundUp(nr, kMR));  // GEMM rows: skip the padding rows of a short tile
-    LoadRows(q, p.dt, head, p.Sq, p.D, Dp, r0, nr, kBR, Q.data());
+    LoadRows(p, q, head, p.Sq, r0, nr, kBR, Q.data());
     std::fill(O.begin(), O.end(), 0.0f);
     std::fill(m.begin(), m.end(), kNegInf);
     std::fill(l.begin(), l.end(), 0.0f);
@@ -365,10 +374,10 @@ void ForwardRange(const Problem &p, const void *q, const void *k, const void *v,
       GemmAcc(mr, static_cast<int>(Dp), ncr, S.data(), kBC, V.data() + c0 * Dp, Dp, O.data(), Dp);  // (BR, Dp)
     }
     for (int r = 0; r < nr; ++r) {
-      const int64_t row = head * p.Sq + r0 + r;
+      const int64_t off = p.RowOffset(head, r0 + r, p.Sq);
       const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-      for (int64_t d = 0; d < p.D; ++d) StoreElem(out, p.dt, row * p.D + d, O[r * Dp + d] * inv);
-      lse[row] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kNegInf;
+      for (int64_t d = 0; d < p.D; ++d) StoreElem(out, p.dt, off + d, O[r * Dp + d] * inv);
+      lse[head * p.Sq + r0 + r] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kNegInf;
     }
   }
 }
@@ -399,9 +408,10 @@ void BackwardRange(const Problem &p, const void *q, const void *k, const void *v
   auto flush = [&]() {
     if (loaded < 0) return;
     std::lock_guard<std::mutex> guard(*dq_mutex);
-    float *dst = dq_acc + loaded * p.Sq * p.D;
-    for (int64_t i = 0; i < p.Sq; ++i)
-      for (int64_t d = 0; d < p.D; ++d) dst[i * p.D + d] += dQ[i * Dp + d];
+    for (int64_t i = 0; i < p.Sq; ++i) {
+      float *dst = dq_acc + p.RowOffset(loaded, i, p.Sq);
+      for (int64_t d = 0; d < p.D; ++d) dst[d] += dQ[i * Dp + d];
+    }
   };
   for (int64_t bi = 0; bi < BatchesPerGroup(p); ++bi) {
     for (int64_t t = g_begin; t < g_end; ++t) {
@@ -410,11 +420,11 @@ void BackwardRange(const Problem &p, const void *q, const void *k, const void *v
       if (head != loaded) {
         flush();
         LoadKeyMask(p, kmask, head / p.H, km.data());
-        LoadRows(q, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, Q.data());
-        LoadRows(dout, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, dO.data());
-        LoadRows(out, p.dt, head, p.Sq, p.D, Dp, 0, p.Sq, Sqp, Ob.data());
-        LoadRows(k, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, K.data());
-        LoadRows(v, p.dt, head, p.Sk, p.D, Dp, 0, p.Sk, Skp, V.data());
+        LoadRows(p, q, head, p.Sq, 0, p.Sq, Sqp, Q.data());
+        LoadRows(p, dout, head, p.Sq, 0, p.Sq, Sqp, dO.data());
+        LoadRows(p, out, head, p.Sq, 0, p.Sq, Sqp, Ob.data());
+        LoadRows(p, k, head, p.Sk, 0, p.Sk, Skp, K.data());
+        LoadRows(p, v, head, p.Sk, 0, p.Sk, Skp, V.data());
         PackTransposedTiles(K.data(), Skp, Dp, Kt.data());
         PackTransposedTiles(V.data(), Skp, Dp, Vt.data());
         for (int64_t i = 0; i < Sqp; ++i) {
@@ -506,10 +516,10 @@ void BackwardRange(const Problem &p, const void *q, const void *k, const void *v
         GemmAcc(ncr, static_cast<int>(Dp), mr, T.data(), kBR, Qi, Dp, dK.data(), Dp);               // dK += dS^T Q
       }
       for (int c = 0; c < nc; ++c) {
-        const int64_t row = head * p.Sk + c0 + c;
+        const int64_t off = p.RowOffset(head, c0 + c, p.Sk);
         for (int64_t d = 0; d < p.D; ++d) {
-          StoreElem(dk, p.dt, row * p.D + d, dK[c * Dp + d]);
-          StoreElem(dv, p.dt, row * p.D + d, dV[c * Dp + d]);
+          StoreElem(dk, p.dt, off + d, dK[c * Dp + d]);
+          StoreElem(dv, p.dt, off + d, dV[c * Dp + d]);
         }
       }
     }
@@ -531,16 +541,19 @@ bool Setup(int *ndims, int64_t **shapes, const char **dtypes, void **params, Pro
   p->dt = ParseDType(dtypes[0]);
   if (p->dt == DType::kBad || ParseDType(dtypes[1]) != p->dt || ParseDType(dtypes[2]) != p->dt) return false;
   if (ParseDType(dtypes[3]) != DType::kF32 || ParseDType(dtypes[4]) != DType::kF32) return false;
-  if (!SameShape(4, shapes[1], 4, shapes[2])) return false;
-  p->B = shapes[0][0];
-  p->H = shapes[0][1];
-  p->Sq = shapes[0][2];
-  p->D = shapes[0][3];
-  p->Sk = shapes[1][2];
-  if (shapes[1][0] != p->B || shapes[1][1] != p->H || shapes[1][3] != p->D) return false;
-  if (shapes[3][0] != p->B || shapes[3][1] != p->Sk || shapes[4][0] != 3) return false;
-  if (p->Sq <= 0 || p->Sk <= 0 || p->D <= 0) return false;
+  if (!SameShape(4, shapes[1], 4, shapes[2]) || shapes[4][0] != 4) return false;
   const float *prm = static_cast<const float *>(params[4]);
+  if (prm[3] != 0.0f && prm[3] != 1.0f) return false;
+  p->bsnd = prm[3] == 1.0f;
+  const int s_axis = p->bsnd ? 1 : 2, h_axis = p->bsnd ? 2 : 1;
+  p->B = shapes[0][0];
+  p->H = shapes[0][h_axis];
+  p->Sq = shapes[0][s_axis];
+  p->D = shapes[0][3];
+  p->Sk = shapes[1][s_axis];
+  if (shapes[1][0] != p->B || shapes[1][h_axis] != p->H || shapes[1][3] != p->D) return false;
+  if (shapes[3][0] != p->B || shapes[3][1] != p->Sk) return false;
+  if (p->Sq <= 0 || p->Sk <= 0 || p->D <= 0) return false;
   p->scale = prm[0];
   p->causal = prm[1] != 0.0f;
   p->band = static_cast<int64_t>(prm[2]);
