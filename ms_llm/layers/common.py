@@ -6,6 +6,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import Normal, initializer
 
+from ..kernels.dropout import FusedDropout
+
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
@@ -26,5 +28,10 @@ def const_param(shape, value: float, name: str) -> Parameter:
 
 
 def dropout(p: float) -> nn.Cell:
-    """nn.Dropout with drop probability ``p`` (identity cell when p == 0)."""
-    return nn.Dropout(p=p) if p > 0 else nn.Identity()
+    """Dropout with drop probability ``p``: the fused kernel cell on CPU (:mod:`ms_llm.kernels.dropout`; float32 inputs,
+    MindSpore's Dropout for others), ``nn.Dropout`` elsewhere; the identity cell when p == 0."""
+    if p == 0:
+        return nn.Identity()
+    if ms.get_context("device_target") == "CPU":
+        return FusedDropout(p)
+    return nn.Dropout(p=p)

@@ -9,6 +9,7 @@ from ms_llm.kernels import _device
 from ms_llm.kernels.adamw import FusedAdamWUpdate
 from ms_llm.kernels.blas_linear import BlasLinearProduct
 from ms_llm.kernels.decode_layer import FusedDecodeLayer
+from ms_llm.kernels.dropout import FusedDropout
 from ms_llm.kernels.gelu import FusedGelu
 from ms_llm.kernels.gemv import Gemv
 from ms_llm.kernels.layer_norm import FusedLayerNorm
@@ -22,6 +23,7 @@ CELLS = [
     (FusedLayerNorm, (1e-5,), "FusedLayerNorm", "make_layer_norm('reference', eps)"),
     (FusedSumSquares, (), "FusedSumSquares", "make_sum_squares('reference')"),
     (FusedDecodeLayer, (2, 1e-5, 0.5, "gelu"), "FusedDecodeLayer", "make_decode_layer('composite', ...)"),
+    (FusedDropout, (0.1,), "FusedDropout", "make_dropout('reference', p)"),
 ]
 
 

@@ -63,7 +63,7 @@ def test_dropout_sites_are_gpt2s():
     """GPT-2 (HF GPT2Block / GPT2MLP) drops out the embeddings, each sub-layer's output and no FFN activation."""
     model = GPTModel(dataclasses.replace(TINY, dropout=0.1))
     for block in model.blocks:
-        assert isinstance(block.drop, nn.Dropout)                      # attention output and FFN output
+        assert not isinstance(block.drop, nn.Identity)                 # attention output and FFN output
         assert isinstance(block.ffn.dropout, nn.Identity)              # not the intermediate (B, S, F) activation
 
 
