@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the wall-clock breakdown")
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--peer-python", default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER) else None)
-    p.add_argument("--attention-impl", default="reference", choices=("reference", "fused"))
+    p.add_argument("--attention-impl", default="auto", choices=("auto", "reference", "fused"))
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     name = "quick" if args.quick else "full"

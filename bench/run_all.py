@@ -483,8 +483,8 @@ def main(argv=None) -> int:
     p.add_argument("--peer-python", default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER) else None,
                    help=f"interpreter with torch + transformers (default {DEFAULT_PEER} if it exists)")
     p.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
-    p.add_argument("--attention-impl", default="reference", choices=("reference", "fused"),
-                   help="ms_llm attention core for the training and generation cases")
+    p.add_argument("--attention-impl", default="auto", choices=("auto", "reference", "fused"),
+                   help="ms_llm's model.attention_impl for the training and generation cases (auto: fused on CPU)")
     p.add_argument("--ms-llm-root", default=None,
                    help="benchmark the ms_llm package of another source tree (e.g. a patched copy); default: this repo")
     p.add_argument("--candidate-root", default=None,

@@ -54,7 +54,7 @@ def _model(arch: str, m: dict, train: bool):
     return model
 
 
-def setup_train(arch: str, model: dict, batch: int, seq: int, warmup: int, attention_impl: str = "reference"):
+def setup_train(arch: str, model: dict, batch: int, seq: int, warmup: int, attention_impl: str = "auto"):
     import torch
     net = _model(arch, model, train=True)
     rng = np.random.default_rng(0)
@@ -153,7 +153,7 @@ def generate_fn(net, vocab_size: int, batch: int, prompt: int, new_tokens: int):
 
 
 def setup_generate(model: dict, batch: int, prompt: int, new_tokens: int, warmup: int,
-                   attention_impl: str = "reference"):
+                   attention_impl: str = "auto"):
     run = generate_fn(_model("gpt", model, train=False), model["vocab_size"], batch, prompt, new_tokens)
     first = time_calls(run, 1)[0]
     time_calls(run, max(0, warmup - 1))

@@ -85,7 +85,7 @@ def _train_step(arch: str, cfg, batch: int, seq: int):
     return run, flops, n_params
 
 
-def setup_train(arch: str, model: dict, batch: int, seq: int, warmup: int, attention_impl: str = "reference"):
+def setup_train(arch: str, model: dict, batch: int, seq: int, warmup: int, attention_impl: str = "auto"):
     cfg = _model_cfg(arch, model, attention_impl)
     t0 = time.perf_counter()
     run, flops, n_params = _train_step(arch, cfg, batch, seq)
@@ -130,6 +130,7 @@ MODULES = (
     ("attention projections", ("q_proj", "k_proj", "v_proj", "o_proj")),
     ("feed-forward", ("ffn-",)),
     ("norms", ("norm-LayerNorm", "norm-RMSNorm", "_norm-", "final_norm")),
+    ("dropout", ("drop-FusedDropout", "drop-Dropout", "dropout-")),
     ("embeddings", ("embed", "Embedding")),
 )
 
@@ -183,7 +184,7 @@ def profile(steps: int, out_dir: str):
 
 
 def setup_generate(model: dict, batch: int, prompt: int, new_tokens: int, warmup: int,
-                   attention_impl: str = "reference"):
+                   attention_impl: str = "auto"):
     from ms_llm.generation import generate
     from ms_llm.models.gpt import GPTLMHeadModel
     cfg = _model_cfg("gpt", model, attention_impl)

@@ -12,7 +12,7 @@ GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 ATTENTION_PATTERNS = ("dense", "alternating_banded")
-ATTENTION_IMPLS = ("reference", "fused")
+ATTENTION_IMPLS = ("auto", "reference", "fused")
 ROUTERS = ("topk", "noisy_topk", "expert_choice")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -102,7 +102,8 @@ class ModelConfig:
     scale_embeddings: bool = False        # multiply token embeddings by sqrt(hidden) (Vaswani)
     attention_pattern: str = "dense"      # 'dense' or GPT-3's 'alternating_banded' (odd layers banded)
     band_width: int = 256                 # banded layers: each query sees itself and band_width-1 previous keys
-    attention_impl: str = "reference"     # 'reference' (composite ops) or 'fused' (custom kernel / Ascend FA)
+    attention_impl: str = "auto"          # 'reference' (composite ops), 'fused' (flash kernel / Ascend FA) or
+                                          # 'auto': fused on CPU, reference elsewhere
     initializer_range: float = 0.02       # std of the normal weight init
     pad_token_id: int = 0                 # padding id (masked out of attention and loss)
     bos_token_id: int = 1                 # beginning of sequence / decoder start

@@ -44,7 +44,8 @@ from mindspore import dtype as mstype
 
 from ._build import build_library
 
-__all__ = ["ReferenceAttention", "FusedAttention", "make_attention", "ATTENTION_IMPLS", "ATTENTION_LAYOUTS"]
+__all__ = ["ReferenceAttention", "FusedAttention", "make_attention", "resolve_attention_impl", "ATTENTION_IMPLS",
+           "ATTENTION_LAYOUTS"]
 
 ATTENTION_IMPLS = ("reference", "fused")
 ATTENTION_LAYOUTS = ("BNSD", "BSND")     # q/k/v/out as (B, nh, S, hd) or (B, S, nh, hd)
@@ -372,6 +373,16 @@ class FusedAttention(nn.Cell):
         if bias is None:
             return self.impl(q, k, v, key_mask)
         return self.impl(q, k, v, key_mask, bias)
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """``model.attention_impl`` as a core: 'auto' is 'fused' on CPU (the flash kernel: the reference's results
+    within float32 rounding, faster at the benchmarked shapes, no (S, S) scores in memory, and the heads' layout
+    without transposes) and 'reference' elsewhere (Ascend's FlashAttentionScore computes in float16 and needs
+    head_dim a multiple of 16: ask for it with 'fused'); 'reference' and 'fused' are returned as they are."""
+    if impl == "auto":
+        return "fused" if ms.get_context("device_target") == "CPU" else "reference"
+    return impl
 
 
 def make_attention(impl: str, head_dim: int, causal: bool = False, band_width: int = 0,

@@ -1,7 +1,8 @@
 """Multi-head attention (self or cross; MHA, GQA) behind one interface.
 
 The projections live here; the softmax(q k^T) v core is a kernel cell from :mod:`ms_llm.kernels.attention`
-(``reference`` composite ops or ``fused`` flash attention), chosen by ``cfg.attention_impl``. Heads are laid out
+(``reference`` composite ops or ``fused`` flash attention), chosen by ``cfg.attention_impl`` (``auto``, the default:
+fused on CPU, reference elsewhere; :func:`~ms_llm.kernels.attention.resolve_attention_impl`). Heads are laid out
 as the core reads them: ``(B, nh, S, hd)`` for the reference core (its batched matmuls want heads outside),
 ``(B, S, nh, hd)`` for the fused one, which reads the projections in place (a reshape, no head transposes:
 on CPU those were ~5% of a BERT-base training step). Masks are passed as a
@@ -17,7 +18,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ..kernels.attention import make_attention
+from ..kernels.attention import make_attention, resolve_attention_impl
 from .common import normal_param
 from .embedding import RotaryEmbedding
 from .linear import Linear
@@ -96,20 +97,21 @@ class Attention(nn.Cell):
         kw["init_std"] = cfg.initializer_range if out_init_std is None else out_init_std
         self.o_proj = Linear(nh * hd, h, "heads", "embed", **kw)
         self.use_rotary = cfg.position_embedding == "rotary" and not cross
+        impl = resolve_attention_impl(cfg.attention_impl)
         # the heads' layout between the projections and the core: 'BNSD' (B, nh, S, hd) or 'BSND' (B, S, nh, hd)
-        self.layout = "BSND" if cfg.attention_impl == "fused" else "BNSD"
+        self.layout = "BSND" if impl == "fused" else "BNSD"
         self.head_axis = 2 if self.layout == "BSND" else 1
         self.rotary = (RotaryEmbedding(cfg.max_position_embeddings, hd, cfg.rope_theta, self.layout)
                        if self.use_rotary else None)
         self.scale = 1.0 / math.sqrt(hd) if scale is None else scale
         self.position_bias = position_bias
         # with a position bias the core takes it as a fifth input: softmax(q k^T * scale + bias), d bias included
-        self.core = make_attention(cfg.attention_impl, hd, causal=causal, band_width=band_width, scale=self.scale,
+        self.core = make_attention(impl, hd, causal=causal, band_width=band_width, scale=self.scale,
                                    has_bias=position_bias is not None, layout=self.layout)
         # KV-cache decoding (causal self-attention only): one query per sequence against a static cache whose
         # visible slots (filled, not padding, inside the band) the caller passes as the key mask, so this core is
         # neither causal nor banded.
-        self.decode_core = (make_attention(cfg.attention_impl, hd, causal=False, scale=self.scale)
+        self.decode_core = (make_attention(impl, hd, causal=False, scale=self.scale)
                             if causal and not cross else None)
         self.cache_add = ops.IndexAdd(axis=2)          # decode: cache (B, nkv, L, hd)[:, :, slot] += k or v
         self.transpose = ops.Transpose()

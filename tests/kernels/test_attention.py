@@ -22,7 +22,7 @@ from mindspore import Tensor, nn, ops
 
 from ms_llm.kernels import _build
 from ms_llm.kernels.attention import (ATTENTION_IMPLS, FusedAttention, ReferenceAttention, _ascend_bias_args,
-                                      _ascend_fa_args, make_attention)
+                                      _ascend_fa_args, make_attention, resolve_attention_impl)
 
 F32_TOL = 1e-5
 F16_TOL = 2e-3
@@ -257,6 +257,13 @@ def test_make_attention_returns_the_named_cell():
     assert isinstance(make_attention("reference", 16, causal=True), ReferenceAttention)
     fused = make_attention("fused", 32, causal=True, band_width=8, scale=0.5)
     assert isinstance(fused, FusedAttention) and fused.scale == 0.5 and fused.band_width == 8
+
+
+def test_auto_is_fused_on_cpu_and_reference_elsewhere(monkeypatch):
+    assert resolve_attention_impl("reference") == "reference" and resolve_attention_impl("fused") == "fused"
+    for device, impl in (("CPU", "fused"), ("Ascend", "reference"), ("GPU", "reference")):
+        monkeypatch.setattr(ms, "get_context", lambda key, d=device: d)
+        assert resolve_attention_impl("auto") == impl, device
 
 
 # ----------------------------------------------------------------------------- Ascend argument mapping

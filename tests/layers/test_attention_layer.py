@@ -6,6 +6,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ms_llm.config import ModelConfig
+from ms_llm.kernels.attention import resolve_attention_impl
 from ms_llm.layers.attention import Attention
 
 
@@ -57,12 +58,12 @@ def np_attention(layer, x, kv, key_mask, causal, band, rope_theta=None):
     (2, True, True, 0, False),           # Llama: GQA + RoPE
     (None, False, False, 0, True),       # decoder cross-attention, Sk != Sq
 ])
-@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
 def test_attention_layer_matches_numpy(rng, kv_heads, rotary, causal, band, cross, impl):
     cfg = ModelConfig(hidden_size=32, num_heads=4, num_kv_heads=kv_heads, attention_impl=impl,
                       position_embedding="rotary" if rotary else "learned", max_position_embeddings=16)
     layer = Attention(cfg, causal=causal, band_width=band, cross=cross)
-    assert layer.layout == ("BSND" if impl == "fused" else "BNSD")
+    assert layer.layout == ("BSND" if resolve_attention_impl(impl) == "fused" else "BNSD")   # auto: fused on CPU
     for _, p in layer.parameters_and_names():
         if p.requires_grad:
             p.set_data(Tensor(rng.normal(0, 0.3, p.shape).astype(np.float32)))

@@ -3,7 +3,8 @@
 The expected entries are written out per layer kind below (which logical axis each primitive input carries, as mesh
 degrees): d = data parallel, m = model parallel, v = vocabulary split (m, or 1 with vocab_parallel off),
 e = expert parallel. MindSpore accepts and ignores the annotations in stand-alone mode, so building and annotating
-the models runs here; compiling them sharded needs Ascend.
+the models runs here; compiling them sharded needs Ascend. The models are built with the attention core that
+``attention_impl: auto`` resolves to there (``reference``; on CPU it would be the fused kernel).
 """
 import pytest
 
@@ -84,7 +85,7 @@ def test_layer_tables(layout):
     from ms_llm.layers.mlp import FeedForward
     from ms_llm.layers.norm import LayerNorm, RMSNorm
     d, m, v, _ = degrees(layout)
-    cfg = ModelConfig(hidden_size=16, num_heads=4, ffn_hidden_size=32, dropout=0.0)
+    cfg = ModelConfig(hidden_size=16, num_heads=4, ffn_hidden_size=32, dropout=0.0, attention_impl="reference")
     assert table(Linear(16, 32, "embed", "mlp"), layout) == {"matmul": ((d, 1), (m, 1)), "bias_add": ((d, m), (m,))}
     assert table(Linear(32, 16, "mlp", "embed", has_bias=False), layout) == {"matmul": ((d, m), (1, m))}
     assert table(Embedding(64, 16), layout) == {"gather": ((v, 1), (d, 1))}
@@ -109,7 +110,7 @@ def test_sharder_annotates_primitives_and_rejects_unknown_axes():
 # ------------------------------------------------------------------------------------------------------- models
 def tiny(arch, **kw):
     base = dict(arch=arch, vocab_size=64, hidden_size=16, num_layers=1, num_heads=4, ffn_hidden_size=32,
-                max_position_embeddings=8, dropout=0.0)
+                max_position_embeddings=8, dropout=0.0, attention_impl="reference")   # auto on Ascend
     base.update(kw)
     return ModelConfig(**base)
 
