@@ -9,7 +9,8 @@ Both cells are built with ``p``, the drop probability in [0, 1), and called ``co
   float32 mask for the backward (88 ms + 19 ms of DropoutGrad in a BERT-base training step of ~2.5 s).
 * :class:`FusedDropout`: on CPU, for float32 inputs, the C++ kernels ``DropoutFwd`` / ``DropoutBwd`` of
   ``csrc/dropout.cc`` through ``ops.Custom(func_type="aot")``, the backward wired as the bprop: one threaded,
-  vectorised pass writes ``y`` and a 1-byte mask; the backward is ``dy * mask * scale``. Random bits are
+  vectorised pass writes ``y`` and a 1-byte mask; the backward is ``dy * mask * scale`` ((1024, 768): 0.38 ms
+  forward and 0.25 ms backward in the kernel, against ~3.4 ms + 0.7 ms for MindSpore's). Random bits are
   counter-based: call ``c`` of a cell hashes ``(seed, c)`` into a key and element ``i``'s bits are a hash of
   ``(i, key)`` (see the kernel source), so the masks do not depend on the threads. The seed comes from MindSpore's
   seeding (``mindspore.set_seed``: every new cell takes the next op seed, as MindSpore's random ops do; without a
