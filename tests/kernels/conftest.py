@@ -1,9 +1,29 @@
 """Fixtures of the kernel tests: every module runs in GRAPH_MODE (restored afterwards); ``pynative`` switches one
-test to PYNATIVE_MODE (fast sweeps of many shapes) and back; ``aot_call`` calls an aot kernel entry point directly."""
+test to PYNATIVE_MODE (fast sweeps of many shapes) and back; ``aot_call`` calls an aot kernel entry point directly;
+``unary_grad`` wraps a one-input cell to return its output and input gradient."""
 import ctypes
 
 import mindspore as ms
 import pytest
+from mindspore import nn, ops
+
+
+class UnaryForwardAndGrad(nn.Cell):
+    """``(cell(x), dx)`` of a one-input cell for the cotangent ``dy`` (MindSpore autodiff, either mode)."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+        self.grad = ops.GradOperation(sens_param=True)
+
+    def construct(self, x, dy):
+        return self.cell(x), self.grad(self.cell)(x, dy)
+
+
+@pytest.fixture
+def unary_grad():
+    """:class:`UnaryForwardAndGrad`: ``unary_grad(cell)(x, dy) -> (y, dx)``."""
+    return UnaryForwardAndGrad
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -32,16 +32,6 @@ def within(observed, expected_p, n=N, sigmas=5.0):
     return abs(observed - expected_p) <= sigmas * math.sqrt(expected_p * (1 - expected_p) / n)
 
 
-class _ForwardAndGrad(nn.Cell):
-    def __init__(self, cell):
-        super().__init__()
-        self.cell = cell
-        self.grad = ops.GradOperation(sens_param=True)
-
-    def construct(self, x, dy):
-        return self.cell(x), self.grad(self.cell)(x, dy)
-
-
 def _inputs(seed, shape=SHAPE, dtype=np.float32):
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.5, 2.0, shape) * rng.choice([-1.0, 1.0], shape)     # never 0: y == 0 means dropped
@@ -55,9 +45,9 @@ def _train(cell):
 
 @pytest.mark.parametrize("cls", [FusedDropout, ReferenceDropout])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_mask_scale_and_statistics(cls, p):
+def test_mask_scale_and_statistics(unary_grad, cls, p):
     x, dy = _inputs(1)
-    net = _ForwardAndGrad(_train(cls(p)))
+    net = unary_grad(_train(cls(p)))
     y1, dx1 = (t.asnumpy() for t in net(Tensor(x), Tensor(dy)))
     y2, _ = (t.asnumpy() for t in net(Tensor(x), Tensor(dy)))
     scale = np.float32(1.0 / (1.0 - p))
@@ -119,9 +109,9 @@ class _Recomputed(nn.Cell):
 
 
 @pytest.mark.parametrize("cls", [FusedDropout, ReferenceDropout])
-def test_recomputation_keeps_the_forward_mask(cls):
+def test_recomputation_keeps_the_forward_mask(unary_grad, cls):
     x, dy = _inputs(5)
-    net = _ForwardAndGrad(_train(_Recomputed(cls(0.5))))
+    net = unary_grad(_train(_Recomputed(cls(0.5))))
     y, dx = (t.asnumpy() for t in net(Tensor(x), Tensor(dy)))
     w = np.linspace(0.5, 1.5, SHAPE[1]).astype(np.float32)
     keep = ~np.isclose(y, w)                                          # exp(0) * w where dropped
