@@ -7,6 +7,7 @@ import inspect
 import mindspore as ms
 from mindspore import nn, ops
 
+from ..kernels.dropout import FusedDropout
 from .attention import Attention
 from .common import dropout
 from .mlp import make_ffn
@@ -15,8 +16,11 @@ from .norm import make_norm
 
 def draws_random(cell: nn.Cell) -> bool:
     """Whether a primitive in ``cell`` or its sub-cells keeps random state (MindSpore marks those
-    ``side_effect_hidden``: Dropout, StandardNormal, UniformReal, ...)."""
+    ``side_effect_hidden``: Dropout, StandardNormal, UniformReal, ...), or ``cell`` holds our fused dropout (its
+    kernel keeps a call counter per cell, which MindSpore does not know of)."""
     for _, c in cell.cells_and_names():
+        if isinstance(c, FusedDropout):
+            return True
         for v in list(vars(c).values()) + list(getattr(c, "_primitives", {}).values()):
             if isinstance(v, ops.Primitive) and v.attrs.get("side_effect_hidden", False):
                 return True

@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ms_llm.config import ModelConfig
+from ms_llm.kernels.dropout import FusedDropout
 from ms_llm.layers.block import TransformerBlock, draws_random, shares_graph
 from ms_llm.models.gpt import GPTLMHeadModel
 from ms_llm.moe.layer import MoELayer
@@ -69,6 +70,7 @@ def test_blocks_that_draw_random_numbers_do_not_share_a_graph():
     assert shares_graph(dense) and not draws_random(dense)
     with_dropout = TransformerBlock(dataclasses.replace(GPT, dropout=0.1), causal=True)
     assert draws_random(with_dropout) and not shares_graph(with_dropout)
+    assert draws_random(FusedDropout(0.1, seed=1)) and draws_random(nn.Dropout(p=0.1))   # ours and MindSpore's
     # Shazeer et al.'s noisy top-k gating samples noise in training: an MoE block is built without reuse
     moe_cfg = dataclasses.replace(GPT, moe=dataclasses.replace(GPT.moe, num_experts=4, top_k=2, router="noisy_topk"))
     moe = MoELayer(moe_cfg)
