@@ -33,6 +33,7 @@ namespace {
 using ms_llm_kernels::ForEachChunk;
 using ms_llm_kernels::IsFloat32;
 using ms_llm_kernels::NumElements;
+using ms_llm_kernels::SameShape;
 
 constexpr int64_t kChunk = int64_t{1} << 15;                // elements per work chunk (divides 2^32)
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 16;
@@ -108,13 +109,6 @@ void Forward(const float *__restrict x, float *__restrict y, uint8_t *__restrict
     uint8_t *ms = mask + b0;
     for (int j = 0; j < n; ++j) ms[j] = static_cast<uint8_t>(keep[j]);
   }
-}
-
-bool SameShape(int *ndims, int64_t **shapes, int a, int b) {
-  if (ndims[a] != ndims[b]) return false;
-  for (int d = 0; d < ndims[a]; ++d)
-    if (shapes[a][d] != shapes[b][d]) return false;
-  return true;
 }
 
 bool IsParams(int *ndims, int64_t **shapes, const char **dtypes, int i) {

@@ -31,6 +31,7 @@ namespace {
 using ms_llm_kernels::ForEachChunk;
 using ms_llm_kernels::IsFloat32;
 using ms_llm_kernels::NumElements;
+using ms_llm_kernels::SameShape;
 
 constexpr int64_t kChunk = int64_t{1} << 14;                // elements per work chunk (64 KiB of float32)
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 16;
@@ -106,10 +107,6 @@ void TanhBwd(const float *x, const float *dy, float *dx, int64_t n) {
     const float dz = 2.0f * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * v * v);
     dx[i] = dy[i] * (s + v * s * (1.0f - s) * dz);
   }
-}
-
-bool SameShape(int *ndims, int64_t **shapes, int a, int b) {
-  return ndims[a] == ndims[b] && std::equal(shapes[a], shapes[a] + ndims[a], shapes[b]);
 }
 
 bool KindOk(const float *params) { return params[0] == 0.0f || params[0] == 1.0f; }

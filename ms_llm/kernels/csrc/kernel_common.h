@@ -1,6 +1,7 @@
 // Helpers shared by ms_llm's CPU kernels (csrc/*.cc): IEEE binary16 <-> float32 conversion, the number of CPUs
-// this process may run on, the float32 dtype name check and a chunked parallel loop. Included by every kernel source; ms_llm/kernels/_build.py hashes csrc/*.h into
-// each library's cache key, so a change here rebuilds every kernel.
+// this process may run on, the shape and float32 dtype name checks and a chunked parallel loop. Included by every
+// kernel source; ms_llm/kernels/_build.py hashes csrc/*.h into each library's cache key, so a change here rebuilds
+// every kernel.
 #pragma once
 
 #include <sched.h>
@@ -87,6 +88,11 @@ inline int64_t NumElements(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int d = 0; d < ndim; ++d) n *= shape[d];
   return n;
+}
+
+// Whether tensors a and b of an aot call have the same rank and dimensions.
+inline bool SameShape(int *ndims, int64_t **shapes, int a, int b) {
+  return ndims[a] == ndims[b] && std::equal(shapes[a], shapes[a] + ndims[a], shapes[b]);
 }
 
 // Whether an aot call's dtype name is float32 (MindSpore passes "float32"; "float" is accepted too).

@@ -29,6 +29,7 @@ namespace {
 using ms_llm_kernels::IsFloat32;
 using ms_llm_kernels::NumThreads;
 using ms_llm_kernels::ParallelChunks;
+using ms_llm_kernels::SameShape;
 
 constexpr int64_t kMinElemsForThreads = int64_t{1} << 16;
 constexpr int64_t kRowsPerChunk = 16;
@@ -108,10 +109,6 @@ int64_t Rows(int ndim, const int64_t *shape) {
   int64_t r = 1;
   for (int d = 0; d + 1 < ndim; ++d) r *= shape[d];
   return r;
-}
-
-bool SameShape(int *ndims, int64_t **shapes, int a, int b) {
-  return ndims[a] == ndims[b] && std::equal(shapes[a], shapes[a] + ndims[a], shapes[b]);
 }
 
 bool Vec(int *ndims, int64_t **shapes, int i, int64_t n) { return ndims[i] == 1 && shapes[i][0] == n; }
