@@ -14,7 +14,8 @@
 //   params (4,) float32 = [scale, causal (0/1), band_width (0 = no band), layout (0 = BNSD, 1 = BSND)];
 //   bias (Bb, H, Sq, Sk) float32 with Bb = 1 (shared by the batch) or B, added to the scaled scores:
 //   s = q k^T * scale + bias;
-//   out (B, H, Sq, D) in the input dtype (BSND: (B, Sq, H, D)); lse (B, H, Sq) float32 in both layouts, -inf for a row with no visible key;
+//   out (B, H, Sq, D) in the input dtype (BSND: (B, Sq, H, D)); lse (B, H, Sq) float32 in both layouts, -inf for
+//   a row with no visible key;
 //   dq/dk/dv in the input dtype; dbias (Bb, H, Sq, Sk) float32 = dL/ds (summed over the batch when Bb = 1; zero
 //   where the key is not visible).
 // Key j is visible to query i iff key_mask[b, j] > 0.5 and, when causal, j <= i + (Sk - Sq) and, when
