@@ -23,6 +23,8 @@ class MoEConfig:
     top_k: int = 1                        # experts per token (1 Switch, 2 GLaM/GShard; tokens per expert is capacity)
     router: str = "topk"                  # 'topk' (Switch/GShard), 'noisy_topk' (Shazeer 2017), 'expert_choice'
     router_impl: str = "reference"        # 'reference' (composite ops) or 'fused' (custom kernel); topk router only
+    dispatch_impl: str = "auto"           # dispatch/combine: 'reference' (ops), 'fused' (CPU kernels), 'auto' =
+                                          # fused on CPU, reference elsewhere (ms_llm.kernels.moe_dispatch)
     moe_every: int = 2                    # an MoE feed-forward in every n-th layer (1 = all layers)
     moe_offset: int = 1                   # layer i is MoE iff i % moe_every == moe_offset % moe_every
     expert_ffn_hidden_size: Optional[int] = None  # expert FFN width; None = model.ffn_hidden_size
@@ -50,6 +52,7 @@ class MoEConfig:
         check_choice(self.router, f"{k}.router", ROUTERS)
         check_choice(self.second_expert_policy, f"{k}.second_expert_policy", ("all", "sampling"))
         check_choice(self.router_impl, f"{k}.router_impl", ("reference", "fused"))
+        check_choice(self.dispatch_impl, f"{k}.dispatch_impl", ("auto", "reference", "fused"))
         check(self.router_impl == "reference" or self.router == "topk", f"{k}.router_impl",
               f"'fused' is implemented for router 'topk' only, got router '{self.router}'")
         if self.num_experts:

@@ -1,6 +1,7 @@
 """Fused kernels and their reference implementations (same signature): attention (:mod:`~ms_llm.kernels.attention`),
-MoE routing (:mod:`~ms_llm.kernels.moe_routing`), the decode-time output-head GEMV (:mod:`~ms_llm.kernels.gemv`),
-the fused decode layer (:mod:`~ms_llm.kernels.decode_layer`), LayerNorm (:mod:`~ms_llm.kernels.layer_norm`), GELU
+MoE routing (:mod:`~ms_llm.kernels.moe_routing`), MoE dispatch and combine (:mod:`~ms_llm.kernels.moe_dispatch`),
+the decode-time output-head GEMV (:mod:`~ms_llm.kernels.gemv`), the fused decode layer
+(:mod:`~ms_llm.kernels.decode_layer`), LayerNorm (:mod:`~ms_llm.kernels.layer_norm`), GELU
 (:mod:`~ms_llm.kernels.gelu`), dropout (:mod:`~ms_llm.kernels.dropout`), the OpenBLAS linear product
 (:mod:`~ms_llm.kernels.blas_linear`), AdamW (:mod:`~ms_llm.kernels.adamw`) and the clip norm's sum of squares
 (:mod:`~ms_llm.kernels.sum_squares`).
@@ -16,6 +17,7 @@ _EXPORTS = {
     "ReferenceAttention": "attention", "make_attention": "attention",
     "MOE_ROUTING_FIELDS": "moe_routing", "MOE_ROUTING_IMPLS": "moe_routing", "FusedMoERouting": "moe_routing",
     "ReferenceMoERouting": "moe_routing", "make_moe_routing": "moe_routing",
+    "FusedMoEDispatch": "moe_dispatch", "ReferenceMoEDispatch": "moe_dispatch", "make_moe_dispatch": "moe_dispatch",
     "Gemv": "gemv", "MatMulNT": "gemv",
     "DecodeLayerReference": "decode_layer", "FusedDecodeLayer": "decode_layer", "make_decode_layer": "decode_layer",
     "FusedLayerNorm": "layer_norm", "ReferenceLayerNorm": "layer_norm", "make_layer_norm": "layer_norm",

@@ -27,7 +27,7 @@ class MoELayer(nn.Cell):
             raise ValueError(f"MoELayer needs model.moe.num_experts >= 1, got {m.num_experts}")
         self.num_experts = m.num_experts
         self.router = make_router(cfg)
-        self.dispatcher = Dispatcher()
+        self.dispatcher = Dispatcher(impl=m.dispatch_impl)
         self.experts = Experts(m.num_experts, cfg.hidden_size, m.expert_ffn_hidden_size or cfg.ffn_hidden_size,
                                m.expert_activation or cfg.activation, has_bias=cfg.use_bias,
                                dropout_rate=m.expert_dropout, init_std=cfg.initializer_range,

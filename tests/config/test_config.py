@@ -35,6 +35,7 @@ def test_hidden_not_divisible_by_heads():
     ("model.num_kv_heads=3", r"model.num_kv_heads"),
     ("model.moe.top_k=5", None),
     ("train.steps=ten", r"train.steps: expected an integer"),
+    ("model.moe.dispatch_impl=scatter", r"moe.dispatch_impl: 'scatter' is not one of"),
 ])
 def test_bad_values_name_the_field(override, match):
     if override == "train.batch_size=10":

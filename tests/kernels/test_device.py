@@ -13,6 +13,7 @@ from ms_llm.kernels.dropout import FusedDropout
 from ms_llm.kernels.gelu import FusedGelu
 from ms_llm.kernels.gemv import Gemv
 from ms_llm.kernels.layer_norm import FusedLayerNorm
+from ms_llm.kernels.moe_dispatch import FusedMoEDispatch
 from ms_llm.kernels.sum_squares import FusedSumSquares
 
 CELLS = [
@@ -24,6 +25,7 @@ CELLS = [
     (FusedSumSquares, (), "FusedSumSquares", "make_sum_squares('reference')"),
     (FusedDecodeLayer, (2, 1e-5, 0.5, "gelu"), "FusedDecodeLayer", "make_decode_layer('composite', ...)"),
     (FusedDropout, (0.1,), "FusedDropout", "make_dropout('reference', p)"),
+    (FusedMoEDispatch, (), "FusedMoEDispatch", "make_moe_dispatch('reference')"),
 ]
 
 

@@ -132,23 +132,24 @@ def test_batched_experts_equal_per_expert_loop(rng):
 
 
 class RoundTrip(nn.Cell):
-    def __init__(self):
+    def __init__(self, impl):
         super().__init__()
-        self.dispatcher = Dispatcher()
+        self.dispatcher = Dispatcher(impl=impl)
 
     def construct(self, x, slot_token, slot_weight):
         slots = self.dispatcher.dispatch(x, slot_token)                     # (E, G*C, H)
         return slots, self.dispatcher.combine(slots, slot_token, slot_weight, x.shape[1])
 
 
-def test_dispatcher_round_trip(rng):
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_dispatcher_round_trip(rng, impl):
     """Identity experts: combine(dispatch(x)) = (sum of the token's slot weights) * x; 0 for unrouted tokens."""
     g, t, e, c = 2, 5, 3, 2
     x = rng.normal(size=(g, t, H)).astype(np.float32)
     slot_token = np.array([[[0, 3], [1, 0], [4, 2]], [[2, 2], [0, 1], [3, 0]]], np.int32)   # (G, E, C)
     slot_weight = np.array([[[0.5, 1.0], [2.0, 0.0], [1.0, 0.25]], [[0.5, 0.5], [1.0, 1.0], [3.0, 0.0]]],
                            np.float32)
-    slots, y = RoundTrip()(Tensor(x), Tensor(slot_token), Tensor(slot_weight))
+    slots, y = RoundTrip(impl)(Tensor(x), Tensor(slot_token), Tensor(slot_weight))
     for gi in range(g):
         for ei in range(e):
             for ci in range(c):
@@ -204,15 +205,37 @@ def test_gradients_through_routing_and_experts(rng):
         np.testing.assert_allclose(g, num, rtol=2e-3, atol=1e-4, err_msg=name)
 
 
+def test_fused_and_reference_dispatch_agree(rng):
+    """The layer with moe.dispatch_impl 'fused' and 'reference' (same weights): outputs, aux loss and the gradients
+    of x and of every weight (router included, through the combine weights), top-2 with dropped choices (capacity
+    factor 0.75). float32 sums in another order: within 1e-5 of each tensor's largest magnitude."""
+    layers = [MoELayer(make_cfg(use_bias=True, top_k=2, capacity_factor_train=0.75, dispatch_impl=impl))
+              for impl in ("fused", "reference")]
+    randomize(layers[0], rng)
+    for src, dst in zip(layers[0].trainable_params(), layers[1].trainable_params()):
+        dst.set_data(src.data)
+    x = Tensor(rng.normal(size=(3, 8, H)).astype(np.float32))
+    r = rng.normal(size=(3, 8, H))
+    results = []
+    for layer in layers:
+        layer.set_train(True)
+        net = Objective(layer, r)
+        loss, (dx, dw) = ms.value_and_grad(net, grad_position=0, weights=layer.trainable_params())(x)
+        results.append([loss.asnumpy(), dx.asnumpy()] + [g.asnumpy() for g in dw])
+    assert float(layers[0].dropped_stat.asnumpy()) > 0                     # the capacity dropped some choices
+    for i, (a, b) in enumerate(zip(*results)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()), err_msg=str(i))
+
+
 def test_shard_tables_use_expert_axis():
-    layer = MoELayer(make_cfg(activation="swiglu"))
+    layer = MoELayer(make_cfg(activation="swiglu", dispatch_impl="reference"))     # auto's choice on Ascend
     par = ParallelConfig(mode="semi_auto_parallel", data_parallel=2, model_parallel=2, expert_parallel=2)
     table = apply(layer, Sharder(par))
     assert table["experts.bmm_in"] == ((2, 1, 1), (2, 1, 2))
     assert table["experts.bmm_gate"] == ((2, 1, 1), (2, 1, 2))
     assert table["experts.bmm_out"] == ((2, 1, 2), (2, 2, 1))
-    assert table["dispatcher.gather"] == ((2, 1, 1), (2, 1))                # groups stay on the batch axis
-    assert table["dispatcher.to_expert_major"] == ((2, 2, 1, 1),)          # (batch) -> (expert) sharding
+    assert table["dispatcher.slots.gather"] == ((2, 1, 1), (2, 1))          # groups stay on the batch axis
+    assert table["dispatcher.slots.to_expert_major"] == ((2, 2, 1, 1),)    # (batch) -> (expert) sharding
     assert table["router.gate.matmul"] == ((2, 1), (1, 1))                  # the router is replicated
 
 

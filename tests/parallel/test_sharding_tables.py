@@ -4,7 +4,8 @@ The expected entries are written out per layer kind below (which logical axis ea
 degrees): d = data parallel, m = model parallel, v = vocabulary split (m, or 1 with vocab_parallel off),
 e = expert parallel. MindSpore accepts and ignores the annotations in stand-alone mode, so building and annotating
 the models runs here; compiling them sharded needs Ascend. The models are built with the attention core that
-``attention_impl: auto`` resolves to there (``reference``; on CPU it would be the fused kernel).
+``attention_impl: auto`` and ``moe.dispatch_impl: auto`` resolve to there (``reference``; on CPU they would be the
+fused kernels).
 """
 import pytest
 
@@ -57,9 +58,9 @@ def ffn(p, d, m, bias=True):
 def moe(p, d, m, e):
     """Router replicated over experts; dispatcher moves (batch) -> (expert) sharding; experts split (e, -, m)."""
     return {f"{p}.router.gate.matmul": ((d, 1), (1, 1)),
-            f"{p}.dispatcher.gather": ((d, 1, 1), (d, 1)),
-            f"{p}.dispatcher.to_expert_major": ((d, e, 1, 1),),
-            f"{p}.dispatcher.to_group_major": ((e, d, 1, 1),),
+            f"{p}.dispatcher.slots.gather": ((d, 1, 1), (d, 1)),
+            f"{p}.dispatcher.slots.to_expert_major": ((d, e, 1, 1),),
+            f"{p}.dispatcher.slots.to_group_major": ((e, d, 1, 1),),
             f"{p}.experts.bmm_in": ((e, 1, 1), (e, 1, m)),
             f"{p}.experts.bmm_out": ((e, 1, m), (e, m, 1))}
 
@@ -166,7 +167,8 @@ def switch_expected(d, m, v, e):
 
 
 def build(name):
-    one_moe = MoEConfig(num_experts=4, top_k=2, moe_every=1, moe_offset=0)
+    # dispatch_impl: what auto resolves to on Ascend
+    one_moe = MoEConfig(num_experts=4, top_k=2, moe_every=1, moe_offset=0, dispatch_impl="reference")
     if name == "gpt":
         from ms_llm.models.gpt import GPTLMHeadModel
         return GPTLMHeadModel(tiny("gpt"))
@@ -181,7 +183,8 @@ def build(name):
         return Transformer(tiny("transformer", num_decoder_layers=1))
     from ms_llm.models.switch import SwitchTransformer
     return SwitchTransformer(tiny("switch", num_decoder_layers=1, position_embedding="relative", norm="rmsnorm",
-                                  use_bias=False, moe=MoEConfig(num_experts=4, top_k=1, moe_every=1, moe_offset=0)))
+                                  use_bias=False, moe=MoEConfig(num_experts=4, top_k=1, moe_every=1, moe_offset=0,
+                                                                dispatch_impl="reference")))
 
 
 EXPECTED = {"gpt": gpt_expected, "glam": glam_expected, "bert": bert_expected, "transformer": transformer_expected,
