@@ -2,12 +2,19 @@
 
 For each (experts E, top-k) the MoE layer (router + dispatch + E experts of width F + combine) runs on the same
 tokens as a dense FFN of width k * F: with capacity factor 1.0 the experts hold exactly tokens * k slots, so both
-do the same matmul FLOPs (2 * 2 * H * F * k per token) and the time ratio measures the routing overhead. A second
-MoE column uses GShard/Mesh-TensorFlow's one-hot einsum dispatch/combine (O(G*T*E*C*H) instead of O(G*E*C*H)), a
-third the fused routing kernel (``moe.router_impl='fused'``, :mod:`ms_llm.kernels.moe_routing`) with index dispatch.
-Times are medians over repeats of forward + backward (gradients of the input and of every weight, as inside a
-network), GRAPH_MODE, float32, CPU. The three variants run back to back in every repeat and the reported ratio is
-the median of the per-repeat ratios, so slow drifts of the machine's load (it is shared) cancel out.
+do the same matmul FLOPs (2 * 2 * H * F * k per token). Columns besides the layer as configured by default:
+
+- "reference dispatch": MindSpore ops for dispatch/combine instead of the fused kernels ``moe.dispatch_impl: auto``
+  takes on CPU (:mod:`ms_llm.kernels.moe_dispatch`);
+- "fused routing": the fused routing kernel (``moe.router_impl='fused'``, :mod:`ms_llm.kernels.moe_routing`);
+- "one-hot einsum": GShard/Mesh-TensorFlow's one-hot einsum dispatch/combine (O(G*T*E*C*H) instead of O(G*E*C*H)).
+
+Times are medians over repeats of forward + backward (gradients of the input and of every weight for a fixed random
+output cotangent, as inside a network), GRAPH_MODE, float32, CPU. The variants run back to back in every repeat, in
+an order rotated from one repeat to the next (what ran just before a variant changes its cache state: the experts'
+batched products run on their own took 0.98x or 1.44x of the dense FFN's time by their place in the order), and the
+reported ratio is the median of the per-repeat ratios, so slow drifts of the machine's load (it is shared) cancel
+out. ``bench/profile_moe.py`` splits one case's time by op type.
 
     python bench/bench_moe.py [--quick]      # prints a markdown table, writes bench/results/moe.json
 """
@@ -58,30 +65,34 @@ class EinsumDispatcher(Dispatcher):
         return self.bmm_t(ops.reshape(mask, (g, e * c, tokens)), y)                               # (G, T, H)
 
 
-class Objective(nn.Cell):
-    def __init__(self, layer, moe: bool):
+class Backward(nn.Cell):
+    """Forward + backward of a layer for a fixed random output cotangent (as inside a network: a constant all-ones
+    cotangent, the gradient of ``y.sum()``, reaches MindSpore's CPU BatchMatMul backward as a broadcast tensor and
+    took it ~1.4x longer than a real one). Returns the gradients of the input and of every weight; an MoE layer's
+    auxiliary loss gets cotangent 1."""
+
+    def __init__(self, layer, moe: bool, dy):
         super().__init__()
         self.layer = layer
         self.moe = moe
+        self.dy = dy
+        self.one = Tensor(1.0, ms.float32)
+        self.weights = ms.ParameterTuple(layer.trainable_params())
+        self.grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
 
     def construct(self, x):
         if self.moe:
-            y, aux = self.layer(x)
-            return y.sum() + aux
-        return self.layer(x).sum()
+            return self.grad(self.layer, self.weights)(x, (self.dy, self.one))
+        return self.grad(self.layer, self.weights)(x, self.dy)
 
 
 def run_once(fn, x) -> float:
     t0 = time.perf_counter()
-    dx, dw = fn(x)
+    (dx,), dw = fn(x)
     dx.asnumpy()
     for g in dw:
         g.asnumpy()
     return time.perf_counter() - t0
-
-
-def grad_fn(net):
-    return ms.grad(net, grad_position=0, weights=net.trainable_params())
 
 
 def bench_case(experts: int, k: int, args, batch: int) -> dict:
@@ -90,39 +101,48 @@ def bench_case(experts: int, k: int, args, batch: int) -> dict:
                       dropout=0.0, moe=MoEConfig(num_experts=experts, top_k=k, capacity_factor_train=1.0,
                                                  capacity_factor_eval=1.0))
     x = Tensor(np.random.default_rng(0).normal(size=(batch, args.seq, h)).astype(np.float32))
-    dense = Objective(FeedForward(h, k * f, "relu", has_bias=False), moe=False)
-    moe = Objective(MoELayer(cfg), moe=True)
+    dy = Tensor(np.random.default_rng(2).normal(size=x.shape).astype(np.float32))
+    dense = Backward(FeedForward(h, k * f, "relu", has_bias=False), False, dy)
+    moe = Backward(MoELayer(cfg), True, dy)
     einsum_layer = MoELayer(cfg)
     einsum_layer.dispatcher = EinsumDispatcher()
-    einsum = Objective(einsum_layer, moe=True)
-    fused = Objective(MoELayer(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router_impl="fused"))),
-                      moe=True)
-    for net in (dense, moe, einsum, fused):
+    einsum = Backward(einsum_layer, True, dy)
+    fused = Backward(MoELayer(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router_impl="fused"))),
+                     True, dy)
+    ref_dispatch = Backward(MoELayer(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe,
+                                                                                      dispatch_impl="reference"))),
+                            True, dy)
+    for net in (dense, moe, einsum, fused, ref_dispatch):
         net.set_train(True)
     # same routing, same outputs: the dispatchers and the routing implementations are interchangeable
-    for other in (einsum, fused):
+    for other in (einsum, fused, ref_dispatch):
         for src, dst in zip(moe.trainable_params(), other.trainable_params()):
             dst.set_data(src.data)
-    y1, y2, y3 = (net.layer(x)[0].asnumpy() for net in (moe, einsum, fused))
+    y1, y2, y3, y4 = (net.layer(x)[0].asnumpy() for net in (moe, einsum, fused, ref_dispatch))
     assert np.allclose(y1, y2, rtol=1e-4, atol=1e-5), "einsum and index dispatch disagree"
     assert np.allclose(y1, y3, rtol=1e-4, atol=1e-5), "fused and composite routing disagree"
-    fns = {name: grad_fn(net) for name, net in (("dense", dense), ("moe", moe), ("einsum", einsum),
-                                                ("fused", fused))}
-    for fn in fns.values():                                                   # compile and warm up
+    assert np.allclose(y1, y4, rtol=1e-4, atol=1e-5), "fused and reference dispatch disagree"
+    runs = {"dense": dense, "moe": moe, "einsum": einsum, "fused": fused, "ref_dispatch": ref_dispatch}
+    for fn in runs.values():                                                  # compile and warm up
         run_once(fn, x)
         run_once(fn, x)
-    samples = {name: [] for name in fns}
-    for _ in range(args.repeats):                                             # back to back: same machine load
-        for name, fn in fns.items():
-            samples[name].append(run_once(fn, x))
+    samples = {name: [] for name in runs}
+    names = list(runs)
+    for i in range(args.repeats):                                             # back to back: same machine load;
+        for name in names[i % len(names):] + names[:i % len(names)]:          # rotated, so that what ran before a
+            samples[name].append(run_once(runs[name], x))                     # variant (its cache state) varies
     t = {name: statistics.median(v) for name, v in samples.items()}
-    ratio = lambda name: statistics.median(a / b for a, b in zip(samples[name], samples["dense"]))   # noqa: E731
+
+    def ratio(name):
+        return statistics.median(a / b for a, b in zip(samples[name], samples["dense"]))
+
     tokens = batch * args.seq
     return {"experts": experts, "top_k": k, "tokens": tokens, "hidden": h, "expert_ffn": f, "dense_ffn": k * f,
             "capacity_per_sequence": -(-args.seq * k // experts), "tokens_per_expert": tokens * k // experts,
             "dense_ms": 1e3 * t["dense"], "moe_ms": 1e3 * t["moe"], "moe_einsum_ms": 1e3 * t["einsum"],
-            "moe_fused_ms": 1e3 * t["fused"], "ratio": ratio("moe"), "ratio_einsum": ratio("einsum"),
-            "ratio_fused": ratio("fused"), "repeats": args.repeats}
+            "moe_fused_ms": 1e3 * t["fused"], "moe_ref_dispatch_ms": 1e3 * t["ref_dispatch"],
+            "ratio": ratio("moe"), "ratio_einsum": ratio("einsum"), "ratio_fused": ratio("fused"),
+            "ratio_ref_dispatch": ratio("ref_dispatch"), "repeats": args.repeats}
 
 
 def main() -> None:
@@ -150,13 +170,13 @@ def main() -> None:
           f"H={args.hidden}, expert F={args.ffn}, capacity factor 1.0, float32, CPU, median of {args.repeats} "
           f"paired repeats")
     print()
-    print("| experts | top-k | tokens | tokens/expert | dense FFN width | dense ms | MoE ms | MoE / dense | MoE, "
-          "one-hot einsum dispatch, ms | einsum / dense | MoE, fused routing, ms | fused / dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| experts | top-k | tokens | tokens/expert | dense FFN width | dense ms | MoE ms | MoE / dense | reference "
+          "dispatch / dense | fused routing / dense | one-hot einsum dispatch / dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['experts']} | {r['top_k']} | {r['tokens']} | {r['tokens_per_expert']} | {r['dense_ffn']} | "
-              f"{r['dense_ms']:.0f} | {r['moe_ms']:.0f} | {r['ratio']:.2f}x | {r['moe_einsum_ms']:.0f} | "
-              f"{r['ratio_einsum']:.2f}x | {r['moe_fused_ms']:.0f} | {r['ratio_fused']:.2f}x |")
+              f"{r['dense_ms']:.0f} | {r['moe_ms']:.0f} | {r['ratio']:.2f}x | {r['ratio_ref_dispatch']:.2f}x | "
+              f"{r['ratio_fused']:.2f}x | {r['ratio_einsum']:.2f}x |")
     result = {"benchmark": "moe_vs_dense_ffn", "mode": "forward+backward", "dtype": "float32",
               "mindspore": ms.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "load_average_1min": os.getloadavg()[0], "quick": args.quick, "rows": rows}
