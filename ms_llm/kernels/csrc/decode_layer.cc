@@ -48,6 +48,7 @@
 namespace {
 
 using ms_llm_kernels::IsFloat32;
+using ms_llm_kernels::IsInt32;
 using ms_llm_kernels::NumThreads;
 using ms_llm_kernels::gemv_tile::RunRows;
 
@@ -287,7 +288,7 @@ DL_EXPORT int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shape
       Shape(ndims, shapes, 23, {B, nkv, 1, hd}) && Shape(ndims, shapes, 24, {B, nkv, 1, hd});
   if (!ok) return 2;
   for (int i = 0; i < nparam; ++i) {
-    if (i == 20 ? std::strcmp(dtypes[i], "int32") != 0 : !IsFloat32(dtypes[i])) return 3;
+    if (i == 20 ? !IsInt32(dtypes[i]) : !IsFloat32(dtypes[i])) return 3;
   }
   const int32_t slot = *static_cast<const int32_t *>(params[20]);
   if (slot < 0 || slot >= L) return 4;

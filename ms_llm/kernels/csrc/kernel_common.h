@@ -1,7 +1,7 @@
 // Helpers shared by ms_llm's CPU kernels (csrc/*.cc): IEEE binary16 <-> float32 conversion, the number of CPUs
-// this process may run on, the shape and float32 dtype name checks and a chunked parallel loop. Included by every
-// kernel source; ms_llm/kernels/_build.py hashes csrc/*.h into each library's cache key, so a change here rebuilds
-// every kernel.
+// this process may run on, the shape and float32 / int32 dtype name checks and a chunked parallel loop. Included by
+// every kernel source; ms_llm/kernels/_build.py hashes csrc/*.h into each library's cache key, so a change here
+// rebuilds every kernel.
 #pragma once
 
 #include <sched.h>
@@ -97,6 +97,9 @@ inline bool SameShape(int *ndims, int64_t **shapes, int a, int b) {
 
 // Whether an aot call's dtype name is float32 (MindSpore passes "float32"; "float" is accepted too).
 inline bool IsFloat32(const char *s) { return std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0; }
+
+// Whether an aot call's dtype name is int32.
+inline bool IsInt32(const char *s) { return std::strcmp(s, "int32") == 0; }
 
 // Runs body(chunk, tid) for every chunk in [0, chunks) on up to `threads` threads, the caller being thread 0; the
 // threads take chunks from an atomic counter, so one the OS deschedules (the machine is shared) does not hold up

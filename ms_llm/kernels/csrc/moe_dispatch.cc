@@ -31,15 +31,16 @@
 
 namespace {
 
+using ms_llm_kernels::ForEachChunk;
 using ms_llm_kernels::IsFloat32;
+using ms_llm_kernels::IsInt32;
 using ms_llm_kernels::NumThreads;
 using ms_llm_kernels::ParallelChunks;
+using ms_llm_kernels::SameShape;
 
 constexpr int64_t kColumnBlock = 256;                 // floats of a row per work item of the scatter kernels
 constexpr int64_t kRowsPerChunk = 64;                 // slot rows per work item of the gather kernels
 constexpr int64_t kMinFloatsForThreads = int64_t{1} << 15;
-
-bool IsInt32(const char *s) { return std::strcmp(s, "int32") == 0; }
 
 // <a, b> accumulated in float64, in kLanes interleaved partial sums (a fixed order gcc can vectorise).
 double Dot(const float *a, const float *b, int64_t n) {
@@ -70,13 +71,13 @@ bool TokensInRange(const int32_t *slot_token, const Dims &d) {
 
 int Threads(const Dims &d) { return d.G * d.E * d.C * d.H < kMinFloatsForThreads ? 1 : NumThreads(); }
 
-// body(r, e, g, c) for every slot row r = (e * G + g) * C + c of an (E, G, C, ...) tensor, in chunks of rows.
+// body(r, e, g, c) for every slot row r = (e * G + g) * C + c of an (E, G, C, ...) tensor, in chunks of rows, on
+// the same threads as Threads(d) (rows * H < kMinFloatsForThreads <=> rows < ceil(kMinFloatsForThreads / H)).
 template <typename Body>
 void ForEachSlotRow(const Dims &d, Body body) {
-  const int64_t rows = d.E * d.G * d.C;
-  ParallelChunks((rows + kRowsPerChunk - 1) / kRowsPerChunk, Threads(d), [&](int64_t chunk, int) {
-    const int64_t r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
-    for (int64_t r = chunk * kRowsPerChunk; r < r1; ++r) {
+  const int64_t min_rows_for_threads = (kMinFloatsForThreads + d.H - 1) / d.H;
+  ForEachChunk(d.E * d.G * d.C, kRowsPerChunk, min_rows_for_threads, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r % d.C;
       const int64_t g = (r / d.C) % d.G;
       body(r, r / (d.C * d.G), g, c);
@@ -123,8 +124,6 @@ int CheckCore(int *ndims, int64_t **shapes, const char **dtypes, int slots_at, i
   return 0;
 }
 
-bool SameDims(int *ndims, int64_t **shapes, int a, int b) { return ms_llm_kernels::SameShape(ndims, shapes, a, b); }
-
 }  // namespace
 
 // Return codes (all four): 0 ok; 1 wrong parameter count; 2 inconsistent shapes; 3 a dtype other than the contract's
@@ -156,7 +155,7 @@ MD_EXPORT int MoeDispatchBwd(int nparam, void **params, int *ndims, int64_t **sh
   (void)stream;
   (void)extra;
   if (nparam != 4) return 1;
-  if (ndims[2] != 3 || !SameDims(ndims, shapes, 2, 3)) return 2;
+  if (ndims[2] != 3 || !SameShape(ndims, shapes, 2, 3)) return 2;
   Dims d;
   if (const int rc = CheckCore(ndims, shapes, dtypes, 0, 3, 1, shapes[2][1], &d)) return rc;
   if (!IsFloat32(dtypes[2])) return 3;
@@ -174,7 +173,7 @@ MD_EXPORT int MoeCombineFwd(int nparam, void **params, int *ndims, int64_t **sha
   (void)stream;
   (void)extra;
   if (nparam != 5) return 1;
-  if (ndims[3] != 1 || !SameDims(ndims, shapes, 1, 2)) return 2;
+  if (ndims[3] != 1 || !SameShape(ndims, shapes, 1, 2)) return 2;
   Dims d;
   if (const int rc = CheckCore(ndims, shapes, dtypes, 0, 4, 1, shapes[3][0], &d)) return rc;
   if (!IsFloat32(dtypes[2])) return 3;
@@ -194,8 +193,8 @@ MD_EXPORT int MoeCombineBwd(int nparam, void **params, int *ndims, int64_t **sha
   (void)stream;
   (void)extra;
   if (nparam != 6) return 1;
-  if (ndims[3] != 3 || !SameDims(ndims, shapes, 1, 2) || !SameDims(ndims, shapes, 1, 5) ||
-      !SameDims(ndims, shapes, 0, 4)) {
+  if (ndims[3] != 3 || !SameShape(ndims, shapes, 1, 2) || !SameShape(ndims, shapes, 1, 5) ||
+      !SameShape(ndims, shapes, 0, 4)) {
     return 2;
   }
   Dims d;

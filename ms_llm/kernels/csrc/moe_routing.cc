@@ -36,6 +36,7 @@ namespace {
 constexpr int kMaxK = 64;                 // top-k list kept on the stack
 constexpr int64_t kMinWorkPerThread = 1 << 17;  // probabilities read (pass 1) or choices walked (pass 2)
 
+using ms_llm_kernels::IsInt32;
 using ms_llm_kernels::NumThreads;
 
 // Run fn(begin, end) over [0, n) in contiguous ranges; `work` is the total cost, one thread per kMinWorkPerThread.
@@ -130,9 +131,8 @@ MR_EXPORT int MoeRouteTopK(int nparam, void **params, int *ndims, int64_t **shap
   for (int i = 5; i <= 6; ++i) {
     if (ndims[i] != 3 || shapes[i][0] != G || shapes[i][1] != E || shapes[i][2] != C) return 4;
   }
-  if (std::strcmp(dtypes[2], "int32") != 0 || std::strcmp(dtypes[3], "int32") != 0 ||
-      std::strcmp(dtypes[4], "float32") != 0 || std::strcmp(dtypes[5], "int32") != 0 ||
-      std::strcmp(dtypes[6], "int32") != 0) {
+  if (!IsInt32(dtypes[2]) || !IsInt32(dtypes[3]) || std::strcmp(dtypes[4], "float32") != 0 || !IsInt32(dtypes[5]) ||
+      !IsInt32(dtypes[6])) {
     return 5;
   }
   const float *probs = static_cast<const float *>(params[0]);
