@@ -11,8 +11,6 @@ profiled op times add the profiler's own overhead.
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
 import os
 import statistics
 import sys
@@ -27,6 +25,7 @@ sys.path.insert(0, HERE)
 import mindspore as ms                                                        # noqa: E402
 from mindspore import Tensor                                                  # noqa: E402
 
+import worker_ms                                                              # noqa: E402
 from bench_moe import Backward, run_once                                      # noqa: E402
 from ms_llm.config import ModelConfig, MoEConfig                              # noqa: E402
 from ms_llm.layers.mlp import FeedForward                                     # noqa: E402
@@ -34,22 +33,9 @@ from ms_llm.moe import MoELayer                                               # 
 
 
 def op_times(fn, x, steps: int) -> dict:
-    """Op type -> milliseconds per run, from MindSpore's profiler over ``steps`` runs."""
-    from mindspore.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-    out = tempfile.mkdtemp(prefix="ms_llm_profile_moe_")
-    with profile(activities=[ProfilerActivity.CPU], on_trace_ready=tensorboard_trace_handler(out),
-                 schedule=schedule(wait=0, warmup=0, active=steps, repeat=1, skip_first=0)) as prof:
-        for _ in range(steps):
-            run_once(fn, x)
-            prof.step()
-    files = glob.glob(os.path.join(out, "*", "FRAMEWORK", "cpu_op_detail_info_0.csv"))
-    if not files:
-        raise RuntimeError(f"the MindSpore profiler wrote no cpu_op_detail_info_0.csv under {out}")
-    by_type: dict = {}
-    with open(files[0]) as fh:
-        for row in csv.DictReader(fh):
-            by_type[row["op_type"]] = by_type.get(row["op_type"], 0.0) + float(row["op_total_time(ms)"]) / steps
-    return dict(sorted(by_type.items(), key=lambda kv: -kv[1]))
+    """Op type -> milliseconds per run, from MindSpore's profiler over ``steps`` runs (``worker_ms.profile``)."""
+    worker_ms.STATE["run"] = lambda: run_once(fn, x)
+    return worker_ms.profile(steps, tempfile.mkdtemp(prefix="ms_llm_profile_moe_"))["by_type"]
 
 
 def main() -> None:
