@@ -1,11 +1,20 @@
 """The device rule of the fused kernel cells: their C++ kernel on CPU, their reference (MindSpore's own ops) on
-Ascend, and on any other device an error naming the cell and what to use there."""
+Ascend, and on any other device an error naming the cell and what to use there; and what an ``auto`` setting
+resolves to (fused on CPU, reference elsewhere)."""
 
 from __future__ import annotations
 
 import mindspore as ms
 
 KERNEL_DEVICES = ("CPU", "Ascend")
+
+
+def resolve_auto(impl: str) -> str:
+    """The ``auto`` choice of a kernel setting: 'fused' on CPU (our C++ kernels), 'reference' (MindSpore's ops) on
+    every other device; any other name is returned as it is."""
+    if impl == "auto":
+        return "fused" if ms.get_context("device_target") == "CPU" else "reference"
+    return impl
 
 
 def kernel_device(cell: str, instead: str) -> str:

@@ -43,6 +43,7 @@ from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ._build import build_library
+from ._device import resolve_auto
 
 __all__ = ["ReferenceAttention", "FusedAttention", "make_attention", "resolve_attention_impl", "ATTENTION_IMPLS",
            "ATTENTION_LAYOUTS"]
@@ -380,9 +381,7 @@ def resolve_attention_impl(impl: str) -> str:
     within float32 rounding, faster at the benchmarked shapes, no (S, S) scores in memory, and the heads' layout
     without transposes) and 'reference' elsewhere (Ascend's FlashAttentionScore computes in float16 and needs
     head_dim a multiple of 16: ask for it with 'fused'); 'reference' and 'fused' are returned as they are."""
-    if impl == "auto":
-        return "fused" if ms.get_context("device_target") == "CPU" else "reference"
-    return impl
+    return resolve_auto(impl)
 
 
 def make_attention(impl: str, head_dim: int, causal: bool = False, band_width: int = 0,

@@ -35,7 +35,7 @@ from mindspore import nn, ops
 from mindspore import dtype as mstype
 
 from ._build import build_library
-from ._device import kernel_device
+from ._device import kernel_device, resolve_auto
 
 __all__ = ["MOE_DISPATCH_IMPLS", "ReferenceMoEDispatch", "FusedMoEDispatch", "make_moe_dispatch",
            "resolve_moe_dispatch_impl"]
@@ -154,11 +154,9 @@ class FusedMoEDispatch(nn.Cell):
 def resolve_moe_dispatch_impl(impl: str) -> str:
     """'auto' -> 'fused' on CPU, 'reference' elsewhere (the reference is what semi-auto parallelism shards);
     'reference' and 'fused' unchanged."""
-    if impl == "auto":
-        return "fused" if ms.get_context("device_target") == "CPU" else "reference"
-    if impl not in MOE_DISPATCH_IMPLS:
+    if impl != "auto" and impl not in MOE_DISPATCH_IMPLS:
         raise ValueError(f"unknown moe dispatch impl {impl!r}; valid: auto, {', '.join(MOE_DISPATCH_IMPLS)}")
-    return impl
+    return resolve_auto(impl)
 
 
 def make_moe_dispatch(impl: str) -> nn.Cell:
