@@ -180,20 +180,30 @@ def test_capacity_and_jitter_follow_set_train(rng):
 
 
 def test_second_expert_sampling():
-    """GShard: the second expert is kept with probability 2 * g2 (normalised gate) while training."""
+    """GShard: the second expert is kept with probability min(1, 2 * g2) (g2 the normalised gate) while training.
+
+    Tokens 0-3: g2 ~ e^-30 (never kept); tokens 4-7: a tie, g2 = 0.5 exactly (always kept); tokens 8-: g1 = 0.75,
+    g2 = 0.25 (kept with probability 0.5; the fraction must lie within 6 binomial standard deviations).
+    """
+    n = 2048
     cfg = make_cfg(num_experts=3, top_k=2, second_expert_policy="sampling", capacity_factor_train=3.0)
     router = TopKRouter(cfg)
     set_weight(router.gate.weight, np.eye(3, H) * 30)
-    # tokens 0-3: g2 ~ e^-30 (never kept); tokens 4-7: g1 ~ g2 ~ 0.5 (kept with probability ~1)
-    x = np.zeros((1, 8, H), np.float32)
+    x = np.zeros((1, n, H), np.float32)
     x[0, :4, 0] = 1.0
     x[0, 4:, 1] = 1.0
-    x[0, 4:, 2] = 1.0 - 1e-4
+    x[0, 4:8, 2] = 1.0
+    x[0, 8:, 2] = 1.0 - math.log(3.0) / 30                  # logits 30 and 30 - ln 3: gates 0.75 / 0.25
     router.set_train(True)
     out = router(Tensor(x))
-    slot_w = out.slot_weight.asnumpy()[0]
-    assert np.count_nonzero(slot_w[0]) == 4                      # expert 0: the four first choices only
-    assert np.count_nonzero(slot_w[1]) == 4 and np.count_nonzero(slot_w[2]) == 4   # 4 first + 4 second choices
+    slot_w = out.slot_weight.asnumpy()[0]                    # (E, C)
+    slot_t = out.slot_token.asnumpy()[0]                     # (E, C)
+    tokens = [set(slot_t[e][slot_w[e] != 0].tolist()) for e in range(3)]
+    assert tokens[0] == {0, 1, 2, 3}                         # expert 0: the four first choices only
+    assert set(range(4, 8)) <= tokens[1] and set(range(4, 8)) <= tokens[2]   # the tie: both choices kept
+    assert set(range(8, n)) <= tokens[1]                     # every first choice is kept
+    kept = len(tokens[2] - set(range(4, 8))) / (n - 8)       # second choices of the 0.25-gate tokens
+    assert abs(kept - 0.5) < 6 * math.sqrt(0.25 / (n - 8)), kept
 
 
 def noisy_router(rng, k, noise, coefs=(0.0, 0.0, 0.5, 0.5), eps=0.0):
