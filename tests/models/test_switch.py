@@ -141,7 +141,8 @@ def test_tiny_switch_trains_on_reverse():
     losses = [step.step([next(batches)], 1e-2)[0] for _ in range(30)]
     # from ln(24) = 3.18 (uniform) towards the token-frequency entropy; reversal itself takes a few hundred steps
     # (configs/switch/tiny.yaml reaches exact match 0.64 after 300 steps with batch 64)
-    assert np.mean(losses[-5:]) < losses[0] - 0.1, f"loss did not fall: {losses[0]:.3f} -> {losses[-5:]}"
+    # the mean of the first three against the last five falls by 0.155 +- 0.016 over 31 seeds: 0.05 is 6 sd below
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.05, f"loss did not fall: {losses[:3]} -> {losses[-5:]}"
     stats = moe_stats(task.model)
     loads = [stats[f"moe/encoder.blocks.0.ffn/load_e{i}"] for i in range(4)]
     assert sum(loads) == pytest.approx(1.0, abs=1e-5) and 0.0 <= stats["moe/dropped"] < 1.0
