@@ -22,7 +22,8 @@ class MoEConfig:
     num_experts: int = 0                  # experts per MoE layer; 0 = dense model
     top_k: int = 1                        # experts per token (1 Switch, 2 GLaM/GShard; tokens per expert is capacity)
     router: str = "topk"                  # 'topk' (Switch/GShard), 'noisy_topk' (Shazeer 2017), 'expert_choice'
-    router_impl: str = "reference"        # 'reference' (composite ops) or 'fused' (custom kernel); topk router only
+    router_impl: str = "auto"             # top-k routing: 'reference' (ops), 'fused' (custom kernel; router 'topk'
+                                          # only), 'auto' = fused for 'topk' on CPU, reference otherwise
     dispatch_impl: str = "auto"           # dispatch/combine: 'reference' (ops), 'fused' (CPU kernels), 'auto' =
                                           # fused on CPU, reference elsewhere (ms_llm.kernels.moe_dispatch)
     moe_every: int = 2                    # an MoE feed-forward in every n-th layer (1 = all layers)
@@ -51,9 +52,9 @@ class MoEConfig:
         check(self.num_experts >= 0, f"{k}.num_experts", f"must be >= 0, got {self.num_experts}")
         check_choice(self.router, f"{k}.router", ROUTERS)
         check_choice(self.second_expert_policy, f"{k}.second_expert_policy", ("all", "sampling"))
-        check_choice(self.router_impl, f"{k}.router_impl", ("reference", "fused"))
+        check_choice(self.router_impl, f"{k}.router_impl", ("auto", "reference", "fused"))
         check_choice(self.dispatch_impl, f"{k}.dispatch_impl", ("auto", "reference", "fused"))
-        check(self.router_impl == "reference" or self.router == "topk", f"{k}.router_impl",
+        check(self.router_impl != "fused" or self.router == "topk", f"{k}.router_impl",
               f"'fused' is implemented for router 'topk' only, got router '{self.router}'")
         if self.num_experts:
             check(1 <= self.top_k <= self.num_experts, f"{k}.top_k",

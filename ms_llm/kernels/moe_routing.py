@@ -1,7 +1,8 @@
 """Token-choice MoE routing (top-k, GShard capacity positions, expert slot tables): a reference composite and a
 fused op, same signature.
 
-Both cells are built as ``cell = make_moe_routing(impl, num_experts, top_k, normalize=False)`` and called as
+Both cells are built as ``cell = make_moe_routing(impl, num_experts, top_k, normalize=False)`` (``impl`` 'auto' =
+'fused' on CPU, 'reference' elsewhere: :func:`resolve_moe_routing_impl`) and called as
 ``cell(probs, capacity)`` with ``probs (G, T, E) float32`` (router softmax of G routing groups of T tokens over E
 experts) and a Python int ``capacity`` (slots per expert and group, >= 1). They return a tuple
 (the :data:`MOE_ROUTING_FIELDS`):
@@ -47,9 +48,10 @@ from mindspore import dtype as mstype
 
 from ..moe.router import assign_positions, choices_to_slots
 from ._build import build_library
+from ._device import resolve_auto
 
 __all__ = ["MOE_ROUTING_IMPLS", "MOE_ROUTING_FIELDS", "ReferenceMoERouting", "FusedMoERouting", "make_moe_routing",
-           "select_backend"]
+           "resolve_moe_routing_impl", "select_backend"]
 
 MOE_ROUTING_IMPLS = ("reference", "fused")
 MOE_ROUTING_FIELDS = ("expert_index", "gates", "position", "kept", "slot_token", "slot_weight")
@@ -239,8 +241,17 @@ class FusedMoERouting(_MoERouting):
         return expert_index, gates, position, kept, slot_token, slot_weight
 
 
+def resolve_moe_routing_impl(impl: str) -> str:
+    """'auto' -> 'fused' on CPU (the C++ kernel), 'reference' elsewhere (the composite is what semi-auto parallelism
+    shards, and Ascend's MoeInitRoutingV2 places dropped choices differently); 'reference' and 'fused' unchanged."""
+    if impl != "auto" and impl not in MOE_ROUTING_IMPLS:
+        raise ValueError(f"unknown moe routing impl {impl!r}; valid: auto, {', '.join(MOE_ROUTING_IMPLS)}")
+    return resolve_auto(impl)
+
+
 def make_moe_routing(impl: str, num_experts: int, top_k: int, normalize: bool = False) -> nn.Cell:
-    """The routing cell named by ``impl`` ('reference' or 'fused')."""
+    """The routing cell named by ``impl`` ('auto', 'reference' or 'fused')."""
+    impl = resolve_moe_routing_impl(impl)
     if impl == "reference":
         return ReferenceMoERouting(num_experts, top_k, normalize)
     if impl == "fused":

@@ -200,7 +200,8 @@ class TopKRouter(Router):
 
     Top-k, capacity positions and slots come from the routing cell named by ``moe.router_impl``
     (:func:`ms_llm.kernels.moe_routing.make_moe_routing`): 'reference' is the composite ops of this module, 'fused'
-    one C++ pass on CPU (built-in MoE ops on Ascend); outputs and gradients are identical. The sampling policy keeps
+    one C++ pass on CPU (built-in MoE ops on Ascend), 'auto' (default) fused on CPU and reference elsewhere; outputs
+    and gradients are identical (up to the order of tied probabilities). The sampling policy keeps
     the composite while training (its random second-choice mask is not part of the routing cells).
     """
 

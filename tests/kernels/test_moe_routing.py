@@ -31,7 +31,7 @@ from mindspore import Tensor, nn, ops
 
 from ms_llm.config import ConfigError, ModelConfig, MoEConfig
 from ms_llm.kernels import MOE_ROUTING_FIELDS, FusedMoERouting, ReferenceMoERouting, make_moe_routing
-from ms_llm.kernels.moe_routing import select_backend
+from ms_llm.kernels.moe_routing import resolve_moe_routing_impl, select_backend
 from ms_llm.moe import MoELayer
 from ms_llm.moe.router import ROUTER_FIELDS, TopKRouter
 
@@ -263,11 +263,26 @@ def test_errors_name_the_offending_value():
 
 
 def test_config_switch_is_validated():
-    assert MoEConfig(num_experts=4).router_impl == "reference"
-    with pytest.raises(ConfigError, match=r"moe.router_impl: 'fast' is not one of \['fused', 'reference'\]"):
+    assert MoEConfig(num_experts=4).router_impl == "auto"
+    assert MoEConfig(num_experts=4, router="expert_choice").router_impl == "auto"   # auto: only 'topk' routes fused
+    with pytest.raises(ConfigError, match=r"moe.router_impl: 'fast' is not one of \['auto', 'fused', 'reference'\]"):
         MoEConfig(num_experts=4, router_impl="fast")
     with pytest.raises(ConfigError, match=r"moe.router_impl: 'fused' is implemented for router 'topk' only"):
         MoEConfig(num_experts=4, router="expert_choice", router_impl="fused")
+
+
+def test_auto_resolution(monkeypatch):
+    from ms_llm.kernels import moe_routing
+    assert resolve_moe_routing_impl("reference") == "reference"
+    assert resolve_moe_routing_impl("fused") == "fused"
+    monkeypatch.setattr(moe_routing.ms, "get_context", lambda key: "CPU")
+    assert resolve_moe_routing_impl("auto") == "fused"
+    assert isinstance(make_moe_routing("auto", 4, 1), FusedMoERouting)
+    monkeypatch.setattr(moe_routing.ms, "get_context", lambda key: "Ascend")
+    assert resolve_moe_routing_impl("auto") == "reference"     # what semi-auto parallelism shards
+    assert isinstance(make_moe_routing("auto", 4, 1), ReferenceMoERouting)
+    with pytest.raises(ValueError, match="unknown moe routing impl 'sort'; valid: auto, reference, fused"):
+        make_moe_routing("sort", 4, 1)
 
 
 # ----------------------------------------------------------------------------- router, layer and model switch
