@@ -14,32 +14,47 @@ from .mlp import make_ffn
 from .norm import make_norm
 
 
+def _random_primitives(cell: nn.Cell) -> bool:
+    """Whether ``cell`` itself (not its sub-cells) holds a primitive with random state (MindSpore marks those
+    ``side_effect_hidden``: Dropout, StandardNormal, UniformReal, ...)."""
+    return any(isinstance(v, ops.Primitive) and v.attrs.get("side_effect_hidden", False)
+               for v in list(vars(cell).values()) + list(getattr(cell, "_primitives", {}).values()))
+
+
 def draws_random(cell: nn.Cell) -> bool:
     """Whether a primitive in ``cell`` or its sub-cells keeps random state (MindSpore marks those
     ``side_effect_hidden``: Dropout, StandardNormal, UniformReal, ...), or ``cell`` holds our fused dropout (its
     kernel keeps a call counter per cell, which MindSpore does not know of)."""
-    for _, c in cell.cells_and_names():
-        if isinstance(c, FusedDropout):
-            return True
-        for v in list(vars(c).values()) + list(getattr(c, "_primitives", {}).values()):
-            if isinstance(v, ops.Primitive) and v.attrs.get("side_effect_hidden", False):
-                return True
-    return False
+    return any(isinstance(c, FusedDropout) or _random_primitives(c) for _, c in cell.cells_and_names())
+
+
+def repeats_draws_when_shared(cell: nn.Cell, float32: bool) -> bool:
+    """Whether one graph shared by several copies of ``cell`` would give every copy the same random numbers.
+
+    MindSpore's random primitives are seeded per primitive, and a shared graph takes the first copy's, so any of
+    them repeats its draws. Our fused dropout does not: its kernel hashes (seed, call number) per call, and the call
+    counter advances on every call, whichever layer makes it (a block already calls its one dropout cell two or
+    three times per step). That holds where its kernel runs, on CPU for float32 inputs (``float32``: the block's
+    compute dtype is float32); its fallback, MindSpore's Dropout, repeats."""
+    if isinstance(cell, FusedDropout):
+        return cell.kernel is None or not float32
+    return _random_primitives(cell) or any(repeats_draws_when_shared(c, float32) for c in cell.cells())
 
 
 def _reuse_graph_when_deterministic(init):
     """Decorator of ``TransformerBlock.__init__``: layers built from equal arguments share one parsed graph
     (``mindspore.lazy_inline(policy="front")``: the block's ``construct`` is parsed once and inlined at every layer),
-    unless the block draws random numbers.
+    unless that would repeat random numbers from layer to layer.
 
     Why: a train step's compile time grows faster than its depth (GPT at hidden 128, dropout 0, forward + backward
     + AdamW: 9.0 s at 12 layers, 37.7 s at 48; with the shared block graph 5.9 s and 19.5 s; bench/README.md).
     ``policy="front"`` inlines before the backend, which is what runs on CPU (the default policy, whole-subgraph
     reuse, is Ascend-only in MindSpore 2.10: "Input[0] must be a Primitive ValueNode" on CPU).
-    Why not with randomness: the shared graph resolves ``self``'s primitives from the first layer, so every layer
-    would use the first layer's Dropout seeds and draw *the same masks* (measured: two blocks, identical masks).
-    So blocks with ``model.dropout > 0`` or a random FFN (noisy / sampled MoE routing, expert dropout) are built
-    as before, each parsed on its own.
+    Why not with every random op: the shared graph resolves ``self``'s primitives from the first layer, so with
+    MindSpore's Dropout every layer would use the first layer's seeds and draw *the same masks* (measured: two
+    blocks, identical masks). Our fused dropout (CPU, float32) draws per call, so those blocks share the graph; blocks
+    with MindSpore's Dropout (Ascend, float16 compute) or another random op in the FFN (noisy / sampled MoE routing,
+    jitter) are built as before, each parsed on its own (:func:`repeats_draws_when_shared`).
     """
     lazy = ms.lazy_inline(init, policy="front")
     signature = inspect.signature(init)
@@ -47,10 +62,12 @@ def _reuse_graph_when_deterministic(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs).arguments
-        ffn = bound.get("ffn")
-        deterministic = bound["cfg"].dropout == 0 and (ffn is None or not draws_random(ffn))
-        (lazy if deterministic else init)(self, *args, **kwargs)
-        if deterministic and draws_random(self):      # a random op reached the block some other way
+        cfg, ffn = bound["cfg"], bound.get("ffn")
+        float32 = cfg.compute_dtype == "float32"
+        own_dropout_ok = cfg.dropout == 0 or (ms.get_context("device_target") == "CPU" and float32)
+        shareable = own_dropout_ok and (ffn is None or not repeats_draws_when_shared(ffn, float32))
+        (lazy if shareable else init)(self, *args, **kwargs)
+        if shareable and repeats_draws_when_shared(self, float32):   # a random op reached the block some other way
             raise RuntimeError(f"{type(self).__name__}: a random primitive in a block built for graph reuse; "
                                f"_reuse_graph_when_deterministic must learn about it")
     return wrapper

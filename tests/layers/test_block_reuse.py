@@ -1,6 +1,6 @@
 """Graph reuse of identical transformer blocks (``mindspore.lazy_inline(policy="front")``): same loss and gradients
-as separately parsed blocks, and never for blocks that draw random numbers (a reused graph would give every layer
-the first layer's Dropout seeds)."""
+as separately parsed blocks; with our fused dropout (CPU, float32) every layer of a shared graph still draws its own
+masks; never for blocks with MindSpore's random ops (a reused graph would give every layer the first layer's seeds)."""
 import dataclasses
 
 import numpy as np
@@ -10,7 +10,7 @@ from mindspore import Tensor, nn, ops
 
 from ms_llm.config import ModelConfig
 from ms_llm.kernels.dropout import FusedDropout
-from ms_llm.layers.block import TransformerBlock, draws_random, shares_graph
+from ms_llm.layers.block import TransformerBlock, draws_random, repeats_draws_when_shared, shares_graph, unshare_graph
 from ms_llm.models.gpt import GPTLMHeadModel
 from ms_llm.moe.layer import MoELayer
 
@@ -39,10 +39,11 @@ def loss_and_grads(model, inputs, weights):
 
 
 def test_reused_blocks_give_the_same_loss_and_gradients():
-    # dropout 0 -> the blocks share one parsed graph; dropout 0.1 in eval mode -> each block parsed on its own, and
-    # the dropout is the identity, so both compute the same function of the same weights
+    # one parsed graph for all blocks against each block parsed on its own: the same function of the same weights
     shared = GPTLMHeadModel(GPT)
-    separate = GPTLMHeadModel(dataclasses.replace(GPT, dropout=0.1))
+    separate = GPTLMHeadModel(GPT)
+    for b in separate.decoder.blocks:
+        unshare_graph(b)
     assert all(shares_graph(b) for b in shared.decoder.blocks)
     assert not any(shares_graph(b) for b in separate.decoder.blocks)
     for m in (shared, separate):
@@ -65,14 +66,53 @@ def test_reused_blocks_give_the_same_loss_and_gradients():
                        grads_a["model.decoder.blocks.2.ffn.fc_in.weight"])
 
 
-def test_blocks_that_draw_random_numbers_do_not_share_a_graph():
+class SameInputTwice(nn.Cell):
+    """Two blocks applied to the same input in one graph (their outputs differ only by their dropout masks)."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a = a
+        self.b = b
+
+    def construct(self, x, key_mask, positions):
+        return self.a(x, key_mask, positions)[0], self.b(x, key_mask, positions)[0]
+
+
+def test_shared_blocks_with_fused_dropout_draw_their_own_masks():
+    cfg = dataclasses.replace(GPT, dropout=0.5)
+    ms.set_seed(5)
+    a, b = TransformerBlock(cfg, causal=True), TransformerBlock(cfg, causal=True)
+    assert shares_graph(a) and shares_graph(b) and draws_random(a)        # fused dropout, float32, CPU
+    for src, dst in zip(a.trainable_params(), b.trainable_params()):
+        dst.set_data(src.data)
+    net = SameInputTwice(a, b)
+    x = Tensor(np.random.default_rng(1).normal(size=(2, 12, GPT.hidden_size)).astype(np.float32))
+    key_mask = Tensor(np.ones((2, 12), np.float32))
+    positions = Tensor(np.tile(np.arange(12, dtype=np.int32), (2, 1)))
+    net.set_train(False)
+    ya, yb = (t.asnumpy() for t in net(x, key_mask, positions))
+    np.testing.assert_array_equal(ya, yb)                                   # same weights, same function
+    net.set_train(True)
+    ya, yb = (t.asnumpy() for t in net(x, key_mask, positions))
+    ya2, _ = (t.asnumpy() for t in net(x, key_mask, positions))
+    assert not np.allclose(ya, yb, atol=1e-3)                               # each layer its own masks ...
+    assert not np.allclose(ya, ya2, atol=1e-3)                              # ... and each step
+    # a dropout-free result is between: with p = 0.5 about half of the units differ from eval mode
+    assert 0.2 < np.mean(np.abs(ya - yb) > 1e-6) <= 1.0
+
+
+def test_blocks_that_repeat_random_numbers_do_not_share_a_graph():
     dense = TransformerBlock(GPT, causal=True)
     assert shares_graph(dense) and not draws_random(dense)
-    with_dropout = TransformerBlock(dataclasses.replace(GPT, dropout=0.1), causal=True)
-    assert draws_random(with_dropout) and not shares_graph(with_dropout)
     assert draws_random(FusedDropout(0.1, seed=1)) and draws_random(nn.Dropout(p=0.1))   # ours and MindSpore's
+    assert not repeats_draws_when_shared(FusedDropout(0.1, seed=1), float32=True)       # per-call draws on CPU
+    assert repeats_draws_when_shared(FusedDropout(0.1, seed=1), float32=False)          # MindSpore's fallback
+    assert repeats_draws_when_shared(nn.Dropout(p=0.1), float32=True)
+    # float16 compute: the fused dropout would fall back to MindSpore's Dropout
+    half = TransformerBlock(dataclasses.replace(GPT, dropout=0.1, compute_dtype="float16"), causal=True)
+    assert draws_random(half) and not shares_graph(half)
     # Shazeer et al.'s noisy top-k gating samples noise in training: an MoE block is built without reuse
     moe_cfg = dataclasses.replace(GPT, moe=dataclasses.replace(GPT.moe, num_experts=4, top_k=2, router="noisy_topk"))
     moe = MoELayer(moe_cfg)
-    assert draws_random(moe)
+    assert draws_random(moe) and repeats_draws_when_shared(moe, float32=True)
     assert not shares_graph(TransformerBlock(moe_cfg, causal=True, ffn=moe, ffn_returns_aux=True))
