@@ -97,8 +97,6 @@ def test_shared_blocks_with_fused_dropout_draw_their_own_masks():
     ya2, _ = (t.asnumpy() for t in net(x, key_mask, positions))
     assert not np.allclose(ya, yb, atol=1e-3)                               # each layer its own masks ...
     assert not np.allclose(ya, ya2, atol=1e-3)                              # ... and each step
-    # a dropout-free result is between: with p = 0.5 about half of the units differ from eval mode
-    assert 0.2 < np.mean(np.abs(ya - yb) > 1e-6) <= 1.0
 
 
 def test_blocks_that_repeat_random_numbers_do_not_share_a_graph():
