@@ -21,13 +21,6 @@ def _random_primitives(cell: nn.Cell) -> bool:
                for v in list(vars(cell).values()) + list(getattr(cell, "_primitives", {}).values()))
 
 
-def draws_random(cell: nn.Cell) -> bool:
-    """Whether a primitive in ``cell`` or its sub-cells keeps random state (MindSpore marks those
-    ``side_effect_hidden``: Dropout, StandardNormal, UniformReal, ...), or ``cell`` holds our fused dropout (its
-    kernel keeps a call counter per cell, which MindSpore does not know of)."""
-    return any(isinstance(c, FusedDropout) or _random_primitives(c) for _, c in cell.cells_and_names())
-
-
 def repeats_draws_when_shared(cell: nn.Cell, float32: bool) -> bool:
     """Whether one graph shared by several copies of ``cell`` would give every copy the same random numbers.
 
