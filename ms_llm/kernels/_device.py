@@ -9,9 +9,12 @@ import mindspore as ms
 KERNEL_DEVICES = ("CPU", "Ascend")
 
 
-def resolve_auto(impl: str) -> str:
+def resolve_auto(impl: str, valid: tuple[str, ...] = (), what: str = "") -> str:
     """The ``auto`` choice of a kernel setting: 'fused' on CPU (our C++ kernels), 'reference' (MindSpore's ops) on
-    every other device; any other name is returned as it is."""
+    every other device; any other name is returned as it is, or, given the ``valid`` names, a name not among them
+    raises ValueError ("unknown <what> impl ...")."""
+    if valid and impl != "auto" and impl not in valid:
+        raise ValueError(f"unknown {what} impl {impl!r}; valid: auto, {', '.join(valid)}")
     if impl == "auto":
         return "fused" if ms.get_context("device_target") == "CPU" else "reference"
     return impl

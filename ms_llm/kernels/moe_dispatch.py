@@ -154,9 +154,7 @@ class FusedMoEDispatch(nn.Cell):
 def resolve_moe_dispatch_impl(impl: str) -> str:
     """'auto' -> 'fused' on CPU, 'reference' elsewhere (the reference is what semi-auto parallelism shards);
     'reference' and 'fused' unchanged."""
-    if impl != "auto" and impl not in MOE_DISPATCH_IMPLS:
-        raise ValueError(f"unknown moe dispatch impl {impl!r}; valid: auto, {', '.join(MOE_DISPATCH_IMPLS)}")
-    return resolve_auto(impl)
+    return resolve_auto(impl, MOE_DISPATCH_IMPLS, "moe dispatch")
 
 
 def make_moe_dispatch(impl: str) -> nn.Cell:

@@ -244,16 +244,10 @@ class FusedMoERouting(_MoERouting):
 def resolve_moe_routing_impl(impl: str) -> str:
     """'auto' -> 'fused' on CPU (the C++ kernel), 'reference' elsewhere (the composite is what semi-auto parallelism
     shards, and Ascend's MoeInitRoutingV2 places dropped choices differently); 'reference' and 'fused' unchanged."""
-    if impl != "auto" and impl not in MOE_ROUTING_IMPLS:
-        raise ValueError(f"unknown moe routing impl {impl!r}; valid: auto, {', '.join(MOE_ROUTING_IMPLS)}")
-    return resolve_auto(impl)
+    return resolve_auto(impl, MOE_ROUTING_IMPLS, "moe routing")
 
 
 def make_moe_routing(impl: str, num_experts: int, top_k: int, normalize: bool = False) -> nn.Cell:
     """The routing cell named by ``impl`` ('auto', 'reference' or 'fused')."""
     impl = resolve_moe_routing_impl(impl)
-    if impl == "reference":
-        return ReferenceMoERouting(num_experts, top_k, normalize)
-    if impl == "fused":
-        return FusedMoERouting(num_experts, top_k, normalize)
-    raise ValueError(f"unknown moe routing impl {impl!r}; valid: {', '.join(MOE_ROUTING_IMPLS)}")
+    return (FusedMoERouting if impl == "fused" else ReferenceMoERouting)(num_experts, top_k, normalize)
