@@ -96,11 +96,17 @@ def run_once(fn, x) -> float:
     return time.perf_counter() - t0
 
 
+def layer_config(hidden: int, ffn: int, experts: int, k: int) -> ModelConfig:
+    """The benchmarked MoE layer: ReLU experts of width ``ffn``, no biases, capacity factor 1.0 (exactly tokens x k
+    slots, so the experts do the FLOPs of a dense FFN of width k x ffn)."""
+    return ModelConfig(arch="glam", hidden_size=hidden, num_heads=4, ffn_hidden_size=ffn, activation="relu",
+                       use_bias=False, dropout=0.0, moe=MoEConfig(num_experts=experts, top_k=k,
+                                                                  capacity_factor_train=1.0, capacity_factor_eval=1.0))
+
+
 def bench_case(experts: int, k: int, args, batch: int) -> dict:
     h, f = args.hidden, args.ffn
-    cfg = ModelConfig(arch="glam", hidden_size=h, num_heads=4, ffn_hidden_size=f, activation="relu", use_bias=False,
-                      dropout=0.0, moe=MoEConfig(num_experts=experts, top_k=k, capacity_factor_train=1.0,
-                                                 capacity_factor_eval=1.0))
+    cfg = layer_config(h, f, experts, k)
     x = Tensor(np.random.default_rng(0).normal(size=(batch, args.seq, h)).astype(np.float32))
     dy = Tensor(np.random.default_rng(2).normal(size=x.shape).astype(np.float32))
     dense = Backward(FeedForward(h, k * f, "relu", has_bias=False), False, dy)

@@ -26,8 +26,7 @@ import mindspore as ms                                                        # 
 from mindspore import Tensor                                                  # noqa: E402
 
 import worker_ms                                                              # noqa: E402
-from bench_moe import Backward, run_once                                      # noqa: E402
-from ms_llm.config import ModelConfig, MoEConfig                              # noqa: E402
+from bench_moe import Backward, layer_config, run_once                        # noqa: E402
 from ms_llm.layers.mlp import FeedForward                                     # noqa: E402
 from ms_llm.moe import MoELayer                                               # noqa: E402
 
@@ -53,9 +52,7 @@ def main() -> None:
     ms.device_context.cpu.op_tuning.threads_num(os.cpu_count())
     ms.set_context(mode=ms.GRAPH_MODE)
     h, f, k = args.hidden, args.ffn, args.top_k
-    cfg = ModelConfig(arch="glam", hidden_size=h, num_heads=4, ffn_hidden_size=f, activation="relu", use_bias=False,
-                      dropout=0.0, moe=MoEConfig(num_experts=args.experts, top_k=k, capacity_factor_train=1.0,
-                                                 capacity_factor_eval=1.0))
+    cfg = layer_config(h, f, args.experts, k)
     rng = np.random.default_rng(0)
     x = Tensor(rng.normal(size=(args.batch, args.seq, h)).astype(np.float32))
     dy = Tensor(rng.normal(size=x.shape).astype(np.float32))
