@@ -47,22 +47,18 @@ def _reuse_graph_when_deterministic(init):
     MindSpore's Dropout every layer would use the first layer's seeds and draw *the same masks* (measured: two
     blocks, identical masks). Our fused dropout (CPU, float32) draws per call, so those blocks share the graph; blocks
     with MindSpore's Dropout (Ascend, float16 compute) or another random op in the FFN (noisy / sampled MoE routing,
-    jitter) are built as before, each parsed on its own (:func:`repeats_draws_when_shared`).
+    jitter) are unmarked after construction (:func:`unshare_graph`), so each is parsed on its own
+    (:func:`repeats_draws_when_shared` decides).
     """
     lazy = ms.lazy_inline(init, policy="front")
     signature = inspect.signature(init)
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs).arguments
-        cfg, ffn = bound["cfg"], bound.get("ffn")
-        float32 = cfg.compute_dtype == "float32"
-        own_dropout_ok = cfg.dropout == 0 or (ms.get_context("device_target") == "CPU" and float32)
-        shareable = own_dropout_ok and (ffn is None or not repeats_draws_when_shared(ffn, float32))
-        (lazy if shareable else init)(self, *args, **kwargs)
-        if shareable and repeats_draws_when_shared(self, float32):   # a random op reached the block some other way
-            raise RuntimeError(f"{type(self).__name__}: a random primitive in a block built for graph reuse; "
-                               f"_reuse_graph_when_deterministic must learn about it")
+        float32 = signature.bind(self, *args, **kwargs).arguments["cfg"].compute_dtype == "float32"
+        lazy(self, *args, **kwargs)                     # builds the block, then marks it for reuse
+        if repeats_draws_when_shared(self, float32):    # decided on the block as built, whatever brought the op in
+            unshare_graph(self)
     return wrapper
 
 
