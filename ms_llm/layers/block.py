@@ -69,7 +69,8 @@ def shares_graph(cell: nn.Cell) -> bool:
 
 def unshare_graph(cell: nn.Cell) -> None:
     """Parse ``cell`` on its own again (drops what ``lazy_inline`` set on it): for per-layer attributes that one
-    shared graph cannot carry, such as pipeline stages (``ms_llm.parallel.pipeline.assign_stages``)."""
+    shared graph cannot carry, such as pipeline stages (``ms_llm.parallel.pipeline.assign_stages``) or MindSpore's
+    per-primitive random seeds (:func:`_reuse_graph_when_deterministic`)."""
     if shares_graph(cell):
         del cell._cell_init_args
         del cell.no_inline
